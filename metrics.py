@@ -1,0 +1,414 @@
+"""Per-task losses, evaluation meters and the MTL gain (delta_m): every number a table reports.
+
+Data flow (train.py is the only user):
+  training:   loss = sum_t LOSS_WEIGHTS[dataset][t] * task_loss(t, pred_t, target_t)
+  evaluation: meters = build_meters(tasks); for each val batch: meters[t].update(pred_t, target_t);
+              under DDP meters[t].all_reduce() once at the end; meters[t].compute() -> {name: float};
+              delta_m({t: results[t][TASK_METRIC[t][0]]}, STL_REFERENCE[(dataset, backbone)]).
+Predictions are the raw model outputs at target resolution, (B, K, H, W): semseg / human_parts logits,
+depth values, unnormalised normals, saliency / edge logits. Targets follow SPEC section 2:
+semseg / human_parts int64 (B, H, W) with 255 = ignore; depth (B, 1, H, W) with 0 = invalid;
+normals (B, 3, H, W) with the all-zero vector = invalid; saliency / edge (B, 1, H, W) in {0, 1}, 255 = ignore.
+
+Definitions (SPEC section 5; the formulas are repeated next to the code that computes them):
+Losses, each a mean over the valid pixels of the whole batch (a batch with no valid pixel gives an exact 0
+that is still attached to the graph, never NaN):
+  semseg / human_parts  cross-entropy, 255 ignored.
+  depth                 L1 = mean |p - g| over pixels with g != 0.
+  normals               1 - mean <p/max(|p|, eps), g> over pixels whose target vector is non-zero.
+  saliency / edge       balanced binary cross-entropy on logits x (HED / MTI-Net style):
+                          L = ( w * sum_pos -log sigmoid(x) + (1 - w) * sum_neg -log(1 - sigmoid(x)) ) / N
+                        pos / neg = valid pixels with target 1 / 0, N = number of valid pixels (not 255).
+                        edge: w = 0.95 fixed. saliency: w = N_neg / N computed over the batch, i.e. the
+                        positive term is weighted by the fraction of negatives and the negative term by
+                        the fraction of positives. MTI-Net's BalancedCrossEntropyLoss divides by all the
+                        pixels of the tensor; we divide by the valid ones (identical when nothing is
+                        ignored, and the value then does not depend on how much of a batch is void).
+Meters, accumulated per pixel over the whole split (float64 sums, so the result does not depend on how
+the split is cut into batches or ranks; all_reduce sums them across processes):
+  seg      confusion matrix C[target, prediction] over non-ignored pixels, prediction = argmax of logits.
+           IoU_k = C_kk / (sum_j C_kj + sum_j C_jk - C_kk); a class absent from both target and
+           prediction has IoU NaN and is left out: mIoU = nanmean_k IoU_k * 100.
+           pixel_acc = trace(C) / sum(C) * 100.
+  depth    over pixels with g != 0: abs_err = mean |p - g|, rel_err = mean |p - g| / g,
+           rmse = sqrt(mean (p - g)^2). rel_err is a plain ratio, not a percentage (on the MTAN Cityscapes
+           inverse depth it is ~30, which is what the papers print).
+  normals  angle = degrees(acos(clamp(<p/|p|, g>, -1, 1))) over valid pixels (g not normalised, as SPEC):
+           mean, median, and the % of angles strictly below 11.25, 22.5, 30 degrees.
+           The median is taken from a histogram of 0.001-degree bins over [0, 180]: it is the exact median
+           (numpy convention: mean of the two middle values for an even count) of the angles quantised to
+           their bin centres, so within 0.0005 degrees of the exact median of the raw angles, and it is
+           mergeable across batches and ranks like every other sum.
+  saliency probability = sigmoid(logit); at each threshold t in 0.05, 0.10, ..., 0.95 a pixel is
+           predicted salient when probability >= t; TP, FP, FN per threshold summed over the split;
+           F_t = (1 + b2) P R / (b2 P + R) = (1 + b2) TP / ((1 + b2) TP + b2 FN + FP), b2 = 0.3
+           (0 where undefined); maxF = max_t F_t * 100.
+  edge     the papers' metric is the validation loss: the edge loss above (w = 0.95) summed per pixel
+           over the split and divided by the number of valid pixels of the split (the per-batch mean
+           weighted by each batch's pixel count, as MTI-Net's EdgeMeter, so batch-split invariant).
+MTL gain: delta_m = 100 / T * sum_t s_t * (M_t - B_t) / B_t, s_t = +1 when higher is better and -1
+when lower is better (the (-1)^{l_t} of the papers), on the metric named by TASK_METRIC.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255           # seg / saliency / edge label to skip
+EDGE_POS_WEIGHT = 0.95       # weight of the positive (edge) term of the edge loss, as MTI-Net / ATRC
+NORMALS_EPS = 1e-12          # eps of the prediction normalisation (F.normalize's default)
+NORMALS_BIN_DEG = 0.001      # histogram resolution of the normals median, degrees
+NORMALS_BINS = 180_000       # 180 / 0.001 bins over [0, 180]
+NORMALS_WITHIN = (11.25, 22.5, 30.0)
+SAL_THRESHOLDS = tuple(k / 20 for k in range(1, 20))   # 0.05, 0.10, ..., 0.95
+SAL_BETA2 = 0.3
+
+SEG_TASKS = ('semseg', 'human_parts')
+# channels each non-segmentation task predicts (segmentation: one per class)
+TASK_CHANNELS = {'depth': 1, 'normals': 3, 'saliency': 1, 'edge': 1}
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def _check(task, pred, target, channels=None):
+    """Shapes and dtypes of SPEC section 2; pred must already be at target resolution."""
+    if not torch.is_tensor(pred) or pred.dim() != 4:
+        raise ValueError(f"{task}: prediction must be a (B, K, H, W) tensor, got "
+                         f"{tuple(pred.shape) if torch.is_tensor(pred) else type(pred).__name__}")
+    if not torch.is_tensor(target):
+        raise ValueError(f"{task}: target must be a tensor, got {type(target).__name__}")
+    B, K, H, W = pred.shape
+    if channels is not None and K != channels:
+        raise ValueError(f"{task}: prediction has {K} channels, expected {channels}")
+    if task in SEG_TASKS:
+        expected = (B, H, W)
+        if target.dtype != torch.int64:
+            raise ValueError(f"{task}: target must hold int64 class labels, got {target.dtype}; "
+                             f"cast with target.long()")
+    else:
+        expected = (B, TASK_CHANNELS[task], H, W)
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{task}: target shape {tuple(target.shape)} does not match prediction "
+                         f"{tuple(pred.shape)}; expected target {expected}. Upsample predictions to the "
+                         f"target resolution before the loss / meter.")
+
+
+def _check_labels(task, target, num_classes):
+    """Labels must be in [0, K) or 255; a stray label would otherwise be a cryptic CUDA assert."""
+    valid = target != IGNORE_INDEX
+    labels = target[valid]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{task}: target labels must be in [0, {num_classes}) or {IGNORE_INDEX} (ignore), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+def segmentation_loss(pred, target, task='semseg'):
+    """Cross-entropy over the non-ignored pixels. pred (B, K, H, W) logits, target (B, H, W) int64."""
+    _check(task, pred, target)
+    _check_labels(task, target, pred.shape[1])
+    n_valid = (target != IGNORE_INDEX).sum()
+    ce = F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction='sum')
+    return ce / n_valid.clamp(min=1)   # sum / count instead of 'mean': 0 rather than NaN when all ignored
+
+
+def depth_loss(pred, target):
+    """L1 over pixels with valid depth (target != 0). pred, target (B, 1, H, W)."""
+    _check('depth', pred, target)
+    valid = target != 0
+    err = torch.where(valid, (pred.float() - target).abs(), 0.0)
+    return err.sum() / valid.sum().clamp(min=1)
+
+
+def normals_loss(pred, target):
+    """1 - mean cosine between the normalised prediction and the (unit) target, over valid pixels.
+    pred (B, 3, H, W) unnormalised, target (B, 3, H, W); an all-zero target vector is invalid."""
+    _check('normals', pred, target)
+    valid = (target != 0).any(dim=1)                                            # (B, H, W)
+    cos = (F.normalize(pred.float(), dim=1, eps=NORMALS_EPS) * target).sum(1)   # (B, H, W)
+    # mean of (1 - cos) over valid pixels == 1 - mean cos, but stays 0 when there is no valid pixel
+    return torch.where(valid, 1 - cos, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def _balanced_bce_sum(logits, target, pos_weight=None):
+    """Weighted per-pixel BCE summed over the valid pixels, and the number of valid pixels.
+    logits, target (B, 1, H, W); pos_weight None = the batch's fraction of negatives (saliency)."""
+    valid = target != IGNORE_INDEX
+    pos = valid & (target >= 0.5)
+    neg = valid & ~pos
+    n_valid = valid.sum()
+    w = neg.sum().to(logits.dtype) / n_valid.clamp(min=1) if pos_weight is None else pos_weight
+    # -log sigmoid(x) on positives, -log(1 - sigmoid(x)) on negatives, in the stable logits form
+    bce = F.binary_cross_entropy_with_logits(logits, pos.to(logits.dtype), reduction='none')
+    weight = pos.to(logits.dtype) * w + neg.to(logits.dtype) * (1 - w)   # 0 on ignored pixels
+    return (weight * bce).sum(), n_valid
+
+
+def saliency_loss(pred, target):
+    """Balanced BCE, positives weighted by the batch's fraction of negatives. pred logits (B, 1, H, W)."""
+    _check('saliency', pred, target)
+    total, n_valid = _balanced_bce_sum(pred.float(), target)
+    return total / n_valid.clamp(min=1)
+
+
+def edge_loss(pred, target):
+    """Balanced BCE with positive weight 0.95. pred logits (B, 1, H, W), target (B, 1, H, W)."""
+    _check('edge', pred, target)
+    total, n_valid = _balanced_bce_sum(pred.float(), target, EDGE_POS_WEIGHT)
+    return total / n_valid.clamp(min=1)
+
+
+TASK_LOSS = {
+    'semseg': lambda pred, target: segmentation_loss(pred, target, 'semseg'),
+    'human_parts': lambda pred, target: segmentation_loss(pred, target, 'human_parts'),
+    'depth': depth_loss,
+    'normals': normals_loss,
+    'saliency': saliency_loss,
+    'edge': edge_loss,
+}
+
+
+def task_loss(task, pred, target):
+    """The loss of `task` (a key of TASK_LOSS) on a prediction at target resolution: a scalar tensor."""
+    if task not in TASK_LOSS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_LOSS)}")
+    return TASK_LOSS[task](pred, target)
+
+
+# total loss = sum_t w_t * (L_initial_t + L_final_t)   (SPEC section 5)
+LOSS_WEIGHTS = {
+    'nyuv2': {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0},
+    'cityscapes': {'semseg': 1.0, 'depth': 10.0},
+    'pascal': {'semseg': 2.0, 'human_parts': 2.0, 'saliency': 5.0, 'edge': 50.0, 'normals': 10.0},
+    'synthetic': {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0},
+}
+
+
+# ---------------------------------------------------------------------------------------------- meters
+
+class Meter:
+    """Float64 sums over a split. Subclasses add to them in update() and read them in compute().
+    The sums live on the device of the first prediction; merging two meters (or ranks) = adding sums."""
+
+    def __init__(self, **shapes):
+        self.sums = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
+
+    def _add(self, **values):
+        for name, value in values.items():
+            s = self.sums[name]
+            if s.device != value.device:
+                s = s.to(value.device)
+            self.sums[name] = s + value.to(torch.float64)
+
+    def merge(self, other):
+        """Add another meter's sums (what all_reduce does across ranks)."""
+        for name, value in other.sums.items():
+            self._add(**{name: value})
+        return self
+
+    def all_reduce(self):
+        """Sum the states of all torch.distributed ranks; call once, after the last update. No-op when
+        torch.distributed is not initialised."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        cuda = dist.get_backend() == 'nccl'   # NCCL only reduces CUDA tensors
+        for name, value in self.sums.items():
+            value = value.to(torch.device('cuda', torch.cuda.current_device())) if cuda else value
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            self.sums[name] = value
+
+    def update(self, pred, target):
+        raise NotImplementedError
+
+    def compute(self):
+        raise NotImplementedError
+
+
+class SegmentationMeter(Meter):
+    """mIoU (nanmean over classes), pixel accuracy and per-class IoU, all in %, from a confusion matrix."""
+
+    def __init__(self, num_classes, task='semseg'):
+        super().__init__(confusion=(num_classes, num_classes))
+        self.num_classes, self.task = num_classes, task
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        K = self.num_classes
+        _check(self.task, pred, target, K)
+        _check_labels(self.task, target, K)
+        label = pred.argmax(1)                                   # (B, H, W)
+        valid = target != IGNORE_INDEX
+        index = target[valid] * K + label[valid]                 # row = target, column = prediction
+        self._add(confusion=torch.bincount(index, minlength=K * K).view(K, K))
+
+    def compute(self):
+        c = self.sums['confusion'].cpu()
+        tp = c.diag()
+        iou = tp / (c.sum(1) + c.sum(0) - tp)        # 0/0 = NaN for a class absent from target and prediction
+        return {'mIoU': float(iou.nanmean()) * 100,
+                'pixel_acc': float(tp.sum() / c.sum()) * 100,
+                'iou_per_class': [float(v) * 100 for v in iou]}
+
+
+class DepthMeter(Meter):
+    """abs_err, rel_err (a ratio) and rmse over pixels with valid depth (target != 0)."""
+
+    def __init__(self):
+        super().__init__(abs_sum=(), rel_sum=(), sq_sum=(), count=())
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        _check('depth', pred, target, 1)
+        valid = target != 0
+        p, g = pred.double()[valid], target.double()[valid]
+        err = (p - g).abs()
+        self._add(abs_sum=err.sum(), rel_sum=(err / g).sum(), sq_sum=(err * err).sum(),
+                  count=valid.sum())
+
+    def compute(self):
+        s = {k: float(v) for k, v in self.sums.items()}
+        n = s['count'] or float('nan')
+        return {'abs_err': s['abs_sum'] / n, 'rel_err': s['rel_sum'] / n, 'rmse': (s['sq_sum'] / n) ** 0.5}
+
+
+class NormalsMeter(Meter):
+    """Angle errors in degrees: mean, median (0.001-degree histogram), % below 11.25 / 22.5 / 30."""
+
+    def __init__(self):
+        super().__init__(angle_sum=(), count=(), within=(len(NORMALS_WITHIN),), hist=(NORMALS_BINS,))
+
+    @staticmethod
+    def angles(pred, target):
+        """Angle (degrees, float64) between normalised prediction and target at the valid pixels: (N,)."""
+        valid = (target != 0).any(dim=1)                                        # (B, H, W)
+        p = F.normalize(pred.double(), dim=1, eps=NORMALS_EPS)
+        cos = (p * target.double()).sum(1)[valid].clamp(-1, 1)
+        return torch.rad2deg(torch.acos(cos))
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        _check('normals', pred, target, 3)
+        angle = self.angles(pred, target)
+        bins = (angle / NORMALS_BIN_DEG).floor().long().clamp(0, NORMALS_BINS - 1)
+        within = torch.stack([(angle < t).sum() for t in NORMALS_WITHIN])
+        self._add(angle_sum=angle.sum(), count=torch.tensor(angle.numel(), device=angle.device),
+                  within=within, hist=torch.bincount(bins, minlength=NORMALS_BINS))
+
+    def median(self):
+        """Median of the bin-centre-quantised angles; numpy convention for an even count."""
+        hist = self.sums['hist'].cpu()
+        n = int(self.sums['count'])
+        if n == 0:
+            return float('nan')
+        cum = hist.cumsum(0)                                       # cum[b] = #angles in bins <= b
+        ranks = torch.tensor([(n - 1) // 2, n // 2], dtype=torch.float64)   # 0-based middle ranks
+        b = torch.searchsorted(cum, ranks, right=True)             # first bin whose cum exceeds the rank
+        return float((b.double() + 0.5).mean()) * NORMALS_BIN_DEG
+
+    def compute(self):
+        n = float(self.sums['count']) or float('nan')
+        within = (self.sums['within'].cpu() / n * 100).tolist()
+        out = {'mean': float(self.sums['angle_sum']) / n, 'median': self.median()}
+        out.update({f'{t:g}': w for t, w in zip(NORMALS_WITHIN, within)})   # keys '11.25', '22.5', '30'
+        return out
+
+
+class SaliencyMeter(Meter):
+    """maxF (%, beta^2 = 0.3) over thresholds 0.05..0.95 on sigmoid(logit), TP/FP/FN summed over the split."""
+
+    def __init__(self):
+        n = len(SAL_THRESHOLDS)
+        super().__init__(tp=(n,), fp=(n,), fn=(n,))
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        _check('saliency', pred, target, 1)
+        valid = target != IGNORE_INDEX
+        prob = torch.sigmoid(pred.double())[valid]                             # (N,)
+        pos = target[valid] >= 0.5
+        thresholds = torch.tensor(SAL_THRESHOLDS, dtype=torch.float64, device=prob.device)
+        # level = number of thresholds <= prob: the pixel is predicted salient at thresholds[:level]
+        level = torch.bucketize(prob, thresholds, right=True)                  # (N,) in 0..19
+        n_levels = len(SAL_THRESHOLDS) + 1
+        hist_pos = torch.bincount(level[pos], minlength=n_levels)
+        hist_neg = torch.bincount(level[~pos], minlength=n_levels)
+        # predicted salient at threshold k <=> level >= k + 1: a reverse cumulative sum of the histogram
+        tp = hist_pos.flip(0).cumsum(0).flip(0)[1:]
+        fp = hist_neg.flip(0).cumsum(0).flip(0)[1:]
+        self._add(tp=tp, fp=fp, fn=pos.sum() - tp)
+
+    def compute(self):
+        tp, fp, fn = (self.sums[k].cpu() for k in ('tp', 'fp', 'fn'))
+        num = (1 + SAL_BETA2) * tp
+        den = num + SAL_BETA2 * fn + fp
+        f = torch.where(den > 0, num / den.clamp(min=1e-300), 0.0)             # undefined F counts as 0
+        best = int(f.argmax())
+        return {'maxF': float(f[best]) * 100, 'maxF_threshold': SAL_THRESHOLDS[best]}
+
+
+class EdgeMeter(Meter):
+    """Mean validation edge loss (balanced BCE, positive weight 0.95) over all valid pixels of the split."""
+
+    def __init__(self):
+        super().__init__(loss_sum=(), count=())
+
+    @torch.no_grad()
+    def update(self, pred, target):
+        _check('edge', pred, target, 1)
+        total, n_valid = _balanced_bce_sum(pred.double(), target.double(), EDGE_POS_WEIGHT)
+        self._add(loss_sum=total, count=n_valid)
+
+    def compute(self):
+        n = float(self.sums['count']) or float('nan')
+        return {'loss': float(self.sums['loss_sum']) / n}
+
+
+def build_meters(tasks):
+    """tasks: dict task -> output channels (e.g. data.DATASET_TASKS['nyuv2']) -> dict task -> meter."""
+    meters = {}
+    for task, channels in tasks.items():
+        if task in SEG_TASKS:
+            meters[task] = SegmentationMeter(channels, task)
+        elif task in TASK_CHANNELS:
+            if channels != TASK_CHANNELS[task]:
+                raise ValueError(f"{task} predicts {TASK_CHANNELS[task]} channel(s), got {channels}")
+            meters[task] = {'depth': DepthMeter, 'normals': NormalsMeter,
+                            'saliency': SaliencyMeter, 'edge': EdgeMeter}[task]()
+        else:
+            raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_LOSS)}")
+    return meters
+
+
+# ---------------------------------------------------------------------------------------------- MTL gain
+
+# task -> (meter key feeding delta_m, +1 higher is better / -1 lower is better)
+TASK_METRIC = {'semseg': ('mIoU', +1), 'human_parts': ('mIoU', +1), 'depth': ('rel_err', -1),
+               'normals': ('mean', -1), 'saliency': ('maxF', +1), 'edge': ('loss', -1)}
+
+
+def delta_m(results, baseline):
+    """MTL gain in percent: 100 / T * sum_t s_t (M_t - B_t) / B_t (s_t from TASK_METRIC).
+    results, baseline: dict task -> the task's gain metric (a float, or a meter's compute() dict)."""
+    if not results or set(results) != set(baseline):
+        raise ValueError(f"delta_m needs the same non-empty task set in results and baseline, got "
+                         f"{sorted(results)} and {sorted(baseline)}")
+    total = 0.0
+    for task in results:
+        if task not in TASK_METRIC:
+            raise ValueError(f"no gain metric for task {task!r}; expected one of {sorted(TASK_METRIC)}")
+        key, sign = TASK_METRIC[task]
+        m, b = (v[key] if isinstance(v, dict) else v for v in (results[task], baseline[task]))
+        total += sign * (m - b) / b
+    return 100 * total / len(results)
+
+
+# The papers' single-task baselines, in the meters' units (mIoU / maxF in %, depth rel_err a ratio,
+# normals mean angle in degrees, edge loss). hrnet18: 000_/001_ Table 1 (CNN); swinv2_s: 001_ Tables 2
+# (NYUv2, transformer) and 3 (PASCAL-Context, transformer).
+STL_REFERENCE = {
+    ('nyuv2', 'hrnet18'): {'semseg': 49.23, 'depth': 0.1636, 'normals': 23.15},
+    ('cityscapes', 'hrnet18'): {'semseg': 48.89, 'depth': 29.91},
+    ('nyuv2', 'swinv2_s'): {'semseg': 55.78, 'depth': 0.1570, 'normals': 24.59},
+    ('pascal', 'swinv2_s'): {'semseg': 74.07, 'human_parts': 64.28, 'saliency': 83.95,
+                             'normals': 16.03, 'edge': 0.0241},
+}
