@@ -1,0 +1,474 @@
+"""Backbones, heads, cross-scale fusion and the model builder: EMA-Net/CTAL and every baseline.
+
+    model = build_model('ctal_ss', {'semseg': 13, 'depth': 1, 'normals': 3}, (288, 384))
+    out = model(images)          # images (B, 3, H, W) at exactly img_size
+    out['semseg']                # (B, 13, H, W) final prediction at input resolution
+    out['initial']['semseg']     # (B, 13, H, W) initial prediction (deep supervision)
+                                 # mtinet / ctal_ms: a list of 4, from scales [1/4, 1/8, 1/16, 1/32]
+                                 # stl / mtl: 'initial' is {}
+
+Data flow (CNN path, HRNet-W18-small-v2, SPEC section 4):
+
+  stl      per task: HRNet -> HRHead                                  (T networks, nothing shared)
+  mtl      HRNet -> per task HRHead                                   (hard parameter sharing)
+  concat / padnet / papnet / ctal_ss  (single scale, "SS"):
+           HRNet -> Fuse (270 @ 1/4) -> per task IP head -> F_t (256 @ 1/4) + initial prediction
+                 -> distillation (baselines.py: Concat / PAD / PAP; here: CTALDistillation)
+                 -> per task final head -> upsample
+  mtinet   HRNet -> MTINetFrontEnd (4 scales, FPMs) -> PAD distillation at every scale
+                 -> per task HRHead over the 4 distilled maps (MTI-Net's feature aggregation)
+  ctal_ms  HRNet -> MTINetFrontEnd -> per task Fuse of its 4 feature maps (270 @ 1/4)
+                 -> CTALDistillation -> per task final head(128)   (EMA-Net Sec. 3.4, Fig. 3)
+
+Transformer path (backbone='swinv2_s'; stl, mtl, padnet, papnet, ctal_ss only: the papers exclude the
+multi-scale models, and Concat was only run on CNNs): the last stage of Swin-V2-S (768 @ 1/32) replaces
+HRNet + Fuse, the IP heads take 768 channels, CTAL runs at 1/32 and the final heads are torchvision
+DeepLabHead(C, K) (mtl/stl: DeepLabHead(768, K) on the backbone features). DeepLabHead's image-pooling
+branch normalises a 1x1 map, so training on this path needs batches of 2 or more.
+
+Every resize is bilinear with align_corners=False; every output is upsampled to the input size.
+Nothing is downloaded: backbones start from random weights unless `pretrained` names a local file.
+
+Fidelity: on NYUv2 288x384 / Cityscapes 128x256 the parameter counts equal the official code's to the
+printed digits (SPEC 4) and the multiply-accumulates at batch 8 equal its FlopCounterMode counts
+(tests/test_model.py). Deliberate differences from the authors' code, both following the papers (SPEC 4):
+PAP-Net's affinity normalisation (baselines.pap_affinity) and the FPM's softmax axis
+(baselines.task_softmax).
+"""
+import logging
+import math
+import os
+
+import timm
+import torch
+import torch.nn as nn
+from torchvision.models.resnet import Bottleneck
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+from baselines import (ConcatDistillation, MTINetFrontEnd, PADDistillation, PAPPropagation, conv1x1_bn,
+                       resize)
+from ctal import CTAL
+
+MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms')
+BACKBONES = ('hrnet18', 'swinv2_s')
+# the papers run only these on the transformer backbone (CTAL paper Sec. 3.3, Tabs. 2-3)
+SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss')
+
+HRNET_CHANNELS = (18, 36, 72, 144)      # branch outputs at 1/4, 1/8, 1/16, 1/32
+SWIN_CHANNELS = 768                     # last stage, 1/32
+FEATURE_CHANNELS = 256                  # F_t: the IP heads' Bottleneck(64 * 4) output
+CTAL_CHANNELS = 128                     # conv_in width of the CTAL wrapper (and PAP-Net's X_t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# backbones (timm)
+
+def create_timm_backbone(name, pretrained=None, **kwargs):
+    """timm model `name` as a feature extractor; weights random, or loaded from the local file `pretrained`.
+
+    Loading goes through timm (pretrained_cfg_overlay=dict(file=...)) so its checkpoint filters apply
+    (e.g. Swin-V2's re-mapping of stage downsample layers, patch-embed resampling). Missing/unexpected
+    keys are printed; a file from which no backbone parameter was loaded is a ValueError.
+    """
+    if pretrained is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    path = os.fspath(pretrained)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights for {name}: no file at {path!r}. Pass the path of a "
+                                f"local checkpoint (.pth/.bin/.safetensors) or pretrained=None for random init.")
+    # the same random init twice: parameters still equal to it afterwards were not loaded
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    log = logging.getLogger('timm.models._builder')
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=True, pretrained_strict=False,
+                                      pretrained_cfg_overlay=dict(file=path), **kwargs)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    for r in records:
+        if 'keys' in r.getMessage():
+            print(f"[{name} <- {path}] {r.getMessage()}")
+    params = dict(model.named_parameters())
+    loaded = [k for k, p in params.items() if not torch.equal(p.detach(), reference[k])]
+    if not loaded:
+        raise ValueError(f"pretrained weights {path!r} matched no parameter of {name}: expected a {name} "
+                         f"checkpoint (timm key names), got one whose keys/shapes do not fit (see above).")
+    print(f"[{name} <- {path}] {len(loaded)} of {len(params)} parameter tensors differ from the random init")
+    return model
+
+
+class HRNetBackbone(nn.Module):
+    """timm hrnet_w18_small_v2 (3.86 M params), features_only, feature_location='': the 4 branch outputs
+    (B, 18, H/4, W/4), (B, 36, H/8, W/8), (B, 72, H/16, W/16), (B, 144, H/32, W/32).
+
+    timm's feature list starts with the 64-ch stem at 1/2; out_indices=(1, 2, 3, 4) drops it (the stem
+    still runs, it only stops being returned).
+    """
+    channels = HRNET_CHANNELS
+
+    def __init__(self, pretrained=None):
+        super().__init__()
+        self.net = create_timm_backbone('hrnet_w18_small_v2', pretrained, features_only=True,
+                                        feature_location='', out_indices=(1, 2, 3, 4))
+
+    def forward(self, x):
+        return list(self.net(x))
+
+
+class SwinBackbone(nn.Module):
+    """timm swinv2_small_window8_256 built for img_size (H, W): its last stage, (B, 768, H/32, W/32).
+
+    timm returns NHWC; we permute to channels-first. Any H, W divisible by 32 works: the window stays 8
+    and a stage whose map is not a multiple of 8 is zero-padded to one inside each block (e.g. NYUv2
+    288x384: stage 3 is 18x24 -> padded 24x24, stage 4 is 9x12 -> padded 16x16, windows shifted by 4);
+    a stage smaller than a window uses one window of its own size (no shift). Swin-V2's log-spaced
+    continuous position bias makes pretrained weights valid at any window size, so nothing is resized.
+    """
+    channels = SWIN_CHANNELS
+
+    def __init__(self, img_size, pretrained=None):
+        super().__init__()
+        self.net = create_timm_backbone('swinv2_small_window8_256', pretrained, features_only=True,
+                                        out_indices=(3,), img_size=tuple(img_size))
+
+    def forward(self, x):
+        return self.net(x)[0].permute(0, 3, 1, 2).contiguous()       # (B, 768, H/32, W/32)
+
+
+def make_backbone(backbone, img_size, pretrained):
+    return HRNetBackbone(pretrained) if backbone == 'hrnet18' else SwinBackbone(img_size, pretrained)
+
+
+# ----------------------------------------------------------------------------------------------------
+# blocks and heads
+
+class Fuse(nn.Module):
+    """Cross-scale fusion (HRNet's segmentation head, MTI-Net's aggregation, EMA-Net's CSF block):
+    upsample the 4 maps to the first (1/4) one, concat (sum c = 270), Conv1x1 270 -> 270 (bias), BN, ReLU.
+    """
+
+    def __init__(self, channels=HRNET_CHANNELS):
+        super().__init__()
+        c = sum(channels)
+        self.mix = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+
+    def forward(self, xs):
+        size = xs[0].shape[-2:]
+        return self.mix(torch.cat([resize(x, size) for x in xs], 1))  # (B, 270, H/4, W/4)
+
+
+class HRHead(nn.Module):
+    """Fuse followed by Conv1x1 270 -> K: the per-task head of stl/mtl and MTI-Net's final head."""
+
+    def __init__(self, num_outputs, channels=HRNET_CHANNELS):
+        super().__init__()
+        self.fuse = Fuse(channels)
+        self.predict = nn.Conv2d(sum(channels), num_outputs, 1)
+
+    def forward(self, xs):
+        return self.predict(self.fuse(xs))
+
+
+class InitialHead(nn.Module):
+    """Initial-prediction (IP) head of one task: Bottleneck(c_in -> 64*4, Conv1x1+BN shortcut) ->
+    Bottleneck(256) gives the task features F_t (256 ch); Conv1x1 256 -> K gives the initial prediction.
+    """
+
+    def __init__(self, in_channels, num_outputs):
+        super().__init__()
+        planes = FEATURE_CHANNELS // Bottleneck.expansion
+        self.features = nn.Sequential(
+            Bottleneck(in_channels, planes, downsample=conv1x1_bn(in_channels, FEATURE_CHANNELS)),
+            Bottleneck(FEATURE_CHANNELS, planes))
+        self.predict = nn.Conv2d(FEATURE_CHANNELS, num_outputs, 1)
+
+    def forward(self, x):
+        f = self.features(x)
+        return f, self.predict(f)                                       # (B, 256, h, w), (B, K, h, w)
+
+
+def final_head(channels, num_outputs, backbone):
+    """Final head of one task on the distilled features (C channels).
+
+    CNN: Bottleneck(C, C/4) x 2 -> Conv1x1 C -> K (the IP head's architecture, CTAL paper App. E).
+    Transformer: torchvision DeepLabHead(C, K) (ASPP rates 12/24/36 + Conv3x3 + Conv1x1). Note its
+    image-pooling branch has a BatchNorm on a 1x1 map, so training needs batches of 2 or more.
+    """
+    if backbone == 'swinv2_s':
+        return DeepLabHead(channels, num_outputs)
+    planes = channels // Bottleneck.expansion
+    return nn.Sequential(Bottleneck(channels, planes), Bottleneck(channels, planes),
+                         nn.Conv2d(channels, num_outputs, 1))
+
+
+class CTALDistillation(nn.Module):
+    """The CTAL distillation step shared by ctal_ss and ctal_ms: per task
+        conv_in  (Conv1x1 c_in -> 128, BN, ReLU)          c_in = 256 (ss, F_t) or 270 (ms, fused F_t)
+        resize   bilinear to the distillation size (h, w) (identity when the features are already there)
+        CTAL     ctal.py, all tasks jointly: EMA-Net Eqs. 1-2, F^r_t = gamma F^p_t G_t^T + (1 - gamma) F^i_t
+        conv_out ConvTranspose2d(128, 128, 2, stride 2), BN, ReLU, Conv3x3 128 -> 128   (2h, 2w)
+    so the final heads run at twice the distillation resolution (NYUv2 at 1/4: 144x192).
+    """
+
+    def __init__(self, tasks, in_channels, size, gamma=0.05, impl='auto', fusion='shared', kernel_size=3):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.size = tuple(size)
+        c = CTAL_CHANNELS
+        self.conv_in = nn.ModuleDict({
+            t: nn.Sequential(nn.Conv2d(in_channels, c, 1), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
+            for t in self.tasks})
+        self.ctal = CTAL(len(self.tasks), c, self.size, kernel_size=kernel_size, gamma=gamma,
+                         fusion=fusion, impl=impl)
+        self.conv_out = nn.ModuleDict({
+            t: nn.Sequential(nn.ConvTranspose2d(c, c, 2, stride=2), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                             nn.Conv2d(c, c, 3, padding=1))
+            for t in self.tasks})
+
+    def forward(self, feats):
+        xs = [resize(self.conv_in[t](feats[t]), self.size) for t in self.tasks]   # T x (B, 128, h, w)
+        refined = self.ctal(xs)
+        return {t: self.conv_out[t](r) for t, r in zip(self.tasks, refined)}      # (B, 128, 2h, 2w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# models
+
+class MultiTaskModel(nn.Module):
+    """Common input check: the models are built for one input size (CTAL's per-position kernels and
+    Swin's attention masks are tied to it), so any other size is an error rather than a silent resize."""
+
+    def __init__(self, tasks, img_size):
+        super().__init__()
+        self.tasks = dict(tasks)
+        self.img_size = tuple(img_size)
+
+    def check_input(self, x):
+        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected images (B, 3, {self.img_size[0]}, {self.img_size[1]}) (the img_size this "
+                             f"model was built for), got {tuple(x.shape)}; resize the images or rebuild the "
+                             f"model with img_size={tuple(x.shape[-2:])}")
+
+
+class HardSharing(MultiTaskModel):
+    """`mtl`: one backbone, one head per task (HRHead on HRNet, DeepLabHead(768, K) on Swin).
+    With a single task this is one network of `stl`. 'initial' is empty: nothing to deep-supervise."""
+
+    def __init__(self, tasks, img_size, backbone='hrnet18', pretrained=None):
+        super().__init__(tasks, img_size)
+        self.backbone = make_backbone(backbone, img_size, pretrained)
+        if backbone == 'hrnet18':
+            self.heads = nn.ModuleDict({t: HRHead(k) for t, k in self.tasks.items()})
+        else:
+            self.heads = nn.ModuleDict({t: DeepLabHead(SWIN_CHANNELS, k) for t, k in self.tasks.items()})
+
+    def forward(self, x):
+        self.check_input(x)
+        feats = self.backbone(x)
+        out = {t: resize(head(feats), self.img_size) for t, head in self.heads.items()}
+        out['initial'] = {}
+        return out
+
+
+class SingleTask(MultiTaskModel):
+    """`stl`: T independent single-task networks (backbone + head each), trained together, sharing nothing."""
+
+    def __init__(self, tasks, img_size, backbone='hrnet18', pretrained=None):
+        super().__init__(tasks, img_size)
+        self.nets = nn.ModuleDict({t: HardSharing({t: k}, img_size, backbone, pretrained)
+                                   for t, k in self.tasks.items()})
+
+    def forward(self, x):
+        out = {t: net(x)[t] for t, net in self.nets.items()}
+        out['initial'] = {}
+        return out
+
+
+class SingleScaleDistillation(MultiTaskModel):
+    """concat / padnet / papnet / ctal_ss: task-prediction distillation at a single scale
+    (CTAL paper Fig. 1, SS variant; EMA-Net Sec. 3.4 "for comparison with other methods that operate on
+    a single feature scale"):
+
+      shared  = Fuse(HRNet(x))              (B, 270, H/4, W/4)   or  Swin(x)  (B, 768, H/32, W/32)
+      F_t, P_t = IPHead_t(shared)           (B, 256, ., .), initial prediction (deep supervision)
+      D       = distill({F_t})              (B, C_d, ., .) per task; C_d = `distill_channels`
+      out_t   = upsample(FinalHead_t(D_t))
+    """
+
+    def __init__(self, tasks, img_size, backbone, distill, distill_channels, pretrained=None):
+        super().__init__(tasks, img_size)
+        self.backbone = make_backbone(backbone, img_size, pretrained)
+        if backbone == 'hrnet18':
+            self.fuse, shared_channels = Fuse(HRNET_CHANNELS), sum(HRNET_CHANNELS)
+        else:
+            self.fuse, shared_channels = nn.Identity(), SWIN_CHANNELS
+        self.initial_heads = nn.ModuleDict({t: InitialHead(shared_channels, k) for t, k in self.tasks.items()})
+        self.distill = distill
+        self.final_heads = nn.ModuleDict({t: final_head(distill_channels, k, backbone)
+                                          for t, k in self.tasks.items()})
+
+    def forward(self, x):
+        self.check_input(x)
+        shared = self.fuse(self.backbone(x))
+        feats, initial = {}, {}
+        for t, head in self.initial_heads.items():
+            feats[t], pred = head(shared)
+            initial[t] = resize(pred, self.img_size)
+        distilled = self.distill(feats)
+        out = {t: resize(self.final_heads[t](distilled[t]), self.img_size) for t in self.tasks}
+        out['initial'] = initial
+        return out
+
+
+class MTINet(MultiTaskModel):
+    """`mtinet` (MTI-Net, Vandenhende et al. 2020, Fig. 1 right): multi-scale multi-modal distillation.
+
+      xs          = HRNet(x)                                   4 maps, 1/4 .. 1/32
+      F_{t,s}, P_{t,s} = MTINetFrontEnd(xs)                     per-scale heads + FPMs (Sec. 2.3-2.4)
+      F^o_{.,s}   = PADDistillation_s(F_{.,s})                 MTI-Net Eq. 1 at every scale
+      out_t       = upsample(HRHead_t([F^o_{t,0} .. F^o_{t,3}]))  feature aggregation (Sec. 2.5)
+    'initial'[t] = the 4 per-scale predictions P_{t,s}, upsampled, scales [1/4, 1/8, 1/16, 1/32].
+    """
+
+    def __init__(self, tasks, img_size, pretrained=None):
+        super().__init__(tasks, img_size)
+        self.backbone = HRNetBackbone(pretrained)
+        self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS)
+        self.distill = nn.ModuleList(PADDistillation(self.tasks, c) for c in HRNET_CHANNELS)
+        self.heads = nn.ModuleDict({t: HRHead(k) for t, k in self.tasks.items()})
+
+    def forward(self, x):
+        self.check_input(x)
+        feats, preds = self.front(self.backbone(x))
+        distilled = [d(f) for d, f in zip(self.distill, feats)]
+        out = {t: resize(self.heads[t]([d[t] for d in distilled]), self.img_size) for t in self.tasks}
+        out['initial'] = {t: [resize(p[t], self.img_size) for p in preds] for t in self.tasks}
+        return out
+
+
+class CTALMultiScale(MultiTaskModel):
+    """`ctal_ms` (EMA-Net MS, EMA-Net Sec. 3.4 / Fig. 3; CTAL paper Sec. 2.2): MTI-Net's front end for
+    multi-scale deep supervision, then cross-scale fusion BEFORE a single distillation step:
+
+      F_{t,s}, P_{t,s} = MTINetFrontEnd(HRNet(x))                  (no per-scale distillation)
+      F_t     = Fuse_t([F_{t,0} .. F_{t,3}])                        (B, 270, H/4, W/4), one CSF per task
+      D       = CTALDistillation({F_t})                             conv_in 270 -> 128, CTAL, conv_out
+      out_t   = upsample(FinalHead_t(D_t))                          Bottleneck(128) x 2 -> Conv1x1
+    'initial'[t] = the 4 per-scale predictions, upsampled, scales [1/4, 1/8, 1/16, 1/32].
+    """
+
+    def __init__(self, tasks, img_size, distill_size, gamma=0.05, ctal_impl='auto', ctal_fusion='shared',
+                 pretrained=None):
+        super().__init__(tasks, img_size)
+        self.backbone = HRNetBackbone(pretrained)
+        self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS)
+        self.fuse = nn.ModuleDict({t: Fuse(HRNET_CHANNELS) for t in self.tasks})
+        self.distill = CTALDistillation(self.tasks, sum(HRNET_CHANNELS), distill_size, gamma, ctal_impl, ctal_fusion)
+        self.final_heads = nn.ModuleDict({t: final_head(CTAL_CHANNELS, k, 'hrnet18') for t, k in self.tasks.items()})
+
+    def forward(self, x):
+        self.check_input(x)
+        feats, preds = self.front(self.backbone(x))
+        fused = {t: self.fuse[t]([f[t] for f in feats]) for t in self.tasks}
+        distilled = self.distill(fused)
+        out = {t: resize(self.final_heads[t](distilled[t]), self.img_size) for t in self.tasks}
+        out['initial'] = {t: [resize(p[t], self.img_size) for p in preds] for t in self.tasks}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# builder
+
+def distillation_size(img_size, scale, backbone):
+    """(h, w) at which CTAL runs.
+
+    HRNet: (round(H * scale), round(W * scale)), resized from the 1/4 map (identity at scale 1/4), e.g.
+    NYUv2 288x384: 1/4 -> 72x96, 1/6 -> 48x64, 1/8 -> 36x48.
+    Swin: always the backbone's 1/32 grid (H/32, W/32) (SPEC: "CTAL runs at 1/32"), e.g. 9x12 on
+    NYUv2, 16x16 on PASCAL 512x512. Our choice: no resize on this path, so `scale` must be left at its
+    default 1/4 (or given as 1/32); any other value is an error instead of being silently ignored.
+    """
+    H, W = img_size
+    if backbone == 'swinv2_s':
+        if not (math.isclose(scale, 1 / 4) or math.isclose(scale, 1 / 32)):
+            raise ValueError(f"scale={scale}: with backbone='swinv2_s' CTAL runs on the backbone's 1/32 grid "
+                             f"({H // 32}x{W // 32}); leave scale at its default 1/4 (or pass 1/32)")
+        return H // 32, W // 32
+    if not 0 < scale <= 1 / 4:
+        raise ValueError(f"scale={scale}: the distillation scale must be in (0, 1/4] (e.g. 1/4, 1/6, 1/8): CTAL "
+                         f"reads the 1/4 feature map, resized down to (round(H*scale), round(W*scale))")
+    h, w = round(H * scale), round(W * scale)
+    if h < 1 or w < 1:
+        raise ValueError(f"scale={scale} leaves no position at img_size {img_size} ({h}x{w})")
+    return h, w
+
+
+def check_arguments(name, tasks, img_size, backbone, pap_iters):
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; valid backbones: {', '.join(BACKBONES)}")
+    if backbone == 'swinv2_s' and name not in SWIN_MODEL_NAMES:
+        raise ValueError(f"model {name!r} does not exist with backbone 'swinv2_s' (the papers evaluate only "
+                         f"single-scale models on it); valid with swinv2_s: {', '.join(SWIN_MODEL_NAMES)}; "
+                         f"{name!r} is valid with 'hrnet18'")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"tasks must be a non-empty dict task -> output channels, e.g. "
+                         f"{{'semseg': 13, 'depth': 1}}, got {tasks!r}")
+    for t, k in tasks.items():
+        if not isinstance(t, str) or not t or '.' in t or t == 'initial':
+            raise ValueError(f"task name {t!r}: expected a non-empty string without '.', other than 'initial' "
+                             f"(that output key holds the initial predictions)")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"task {t!r}: output channels must be a positive int, got {k!r}")
+    if (len(img_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 32 or s % 32
+                                  for s in img_size)):
+        raise ValueError(f"img_size must be (H, W), positive multiples of 32 (both backbones downsample by 32), "
+                         f"got {tuple(img_size)!r}")
+    if isinstance(pap_iters, bool) or not isinstance(pap_iters, int) or pap_iters < 1:
+        raise ValueError(f"pap_iters must be a positive int, got {pap_iters!r}")
+
+
+def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.05, ctal_impl='auto',
+                ctal_fusion='shared', pretrained=None, pap_iters=1):
+    """Build model `name` for `tasks` (dict task -> output channels, in canonical order) at img_size (H, W).
+
+    scale: CTAL's distillation scale (ctal_ss/ctal_ms on HRNet; see `distillation_size`); gamma,
+    ctal_impl ('auto' | 'dense' | 'linear'), ctal_fusion ('shared' | 'task'): passed to CTAL.
+    pretrained: None (random init, never touches the network) or a local backbone checkpoint file.
+    pap_iters: PAP-Net propagation iterations. Arguments a model does not use are ignored.
+    """
+    img_size = tuple(img_size)
+    check_arguments(name, tasks, img_size, backbone, pap_iters)
+    tasks = dict(tasks)
+    if name == 'stl':
+        return SingleTask(tasks, img_size, backbone, pretrained)
+    if name == 'mtl':
+        return HardSharing(tasks, img_size, backbone, pretrained)
+    if name == 'mtinet':
+        return MTINet(tasks, img_size, pretrained)
+    if name == 'ctal_ms':
+        return CTALMultiScale(tasks, img_size, distillation_size(img_size, scale, backbone), gamma,
+                              ctal_impl, ctal_fusion, pretrained)
+    if name == 'concat':
+        distill, channels = ConcatDistillation(tasks, FEATURE_CHANNELS), FEATURE_CHANNELS
+    elif name == 'padnet':
+        distill, channels = PADDistillation(tasks, FEATURE_CHANNELS), FEATURE_CHANNELS
+    elif name == 'papnet':
+        distill = PAPPropagation(tasks, FEATURE_CHANNELS, CTAL_CHANNELS, beta=0.05, iters=pap_iters)
+        channels = CTAL_CHANNELS
+    else:  # ctal_ss
+        distill = CTALDistillation(tasks, FEATURE_CHANNELS, distillation_size(img_size, scale, backbone),
+                                   gamma, ctal_impl, ctal_fusion)
+        channels = CTAL_CHANNELS
+    return SingleScaleDistillation(tasks, img_size, backbone, distill, channels, pretrained)

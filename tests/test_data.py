@@ -1,0 +1,610 @@
+"""data.py: loaders read small fixtures written in each dataset's exact on-disk format (MTAN .npy,
+PASCAL_MT jpg/png/mat) and return the task conventions of SPEC section 2; augmentation keeps the tasks
+consistent; the synthetic generator's geometry agrees with itself and is deterministic."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+import data
+
+torch.manual_seed(0)
+
+# ---------------------------------------------------------------------------------------------------
+# MTAN fixtures (NYUv2 / Cityscapes)
+
+
+def write_mtan(root, split, n, size, label_folders=('label',), num_classes=13, normals=True, seed=0):
+    """n random samples in MTAN's layout, with ignore labels, invalid depth and invalid normals; the
+    dtypes are deliberately not float32 (float64 images/labels, float64 depth) so casting is exercised.
+    Returns the arrays written, per sample."""
+    rng = np.random.default_rng(seed)
+    H, W = size
+    written = []
+    for i in range(n):
+        s = {'image': rng.uniform(0, 1, (H, W, 3)),
+             'depth': rng.uniform(0.5, 5, (H, W, 1))}
+        s['depth'][rng.random((H, W)) < 0.1] = 0.0
+        for folder in label_folders:
+            lab = rng.integers(0, num_classes, (H, W)).astype(np.float64)
+            lab[rng.random((H, W)) < 0.2] = -1
+            s[folder] = lab
+        if normals:
+            nrm = rng.normal(size=(H, W, 3))
+            nrm /= np.linalg.norm(nrm, axis=-1, keepdims=True)
+            nrm[rng.random((H, W)) < 0.1] = 0.0
+            s['normal'] = nrm
+        for key, arr in s.items():
+            os.makedirs(os.path.join(root, split, key), exist_ok=True)
+            np.save(os.path.join(root, split, key, f'{i}.npy'), arr)
+        written.append(s)
+    return written
+
+
+@pytest.fixture
+def nyu(tmp_path):
+    root = str(tmp_path / 'nyuv2')
+    arrays = write_mtan(root, 'train', 3, (12, 16))
+    write_mtan(root, 'val', 2, (12, 16), seed=1)
+    return root, arrays
+
+
+def test_dataset_tasks_table():
+    assert data.DATASET_TASKS['nyuv2'] == {'semseg': 13, 'depth': 1, 'normals': 3}
+    assert data.DATASET_TASKS['cityscapes'] == {'semseg': 19, 'depth': 1}
+    assert data.DATASET_TASKS['pascal'] == {'semseg': 21, 'human_parts': 7, 'saliency': 1,
+                                            'normals': 3, 'edge': 1}
+    assert data.DATASET_TASKS['synthetic'] == data.DATASET_TASKS['nyuv2']
+    assert len(data.NYU13_CLASSES) == 13
+
+
+def test_nyuv2_sample_matches_files(nyu):
+    root, arrays = nyu
+    ds = data.NYUv2(root, 'train')
+    assert len(ds) == 3 and len(data.NYUv2(root, 'val')) == 2
+    s, a = ds[1], arrays[1]
+    assert set(s) == {'image', 'semseg', 'depth', 'normals'}
+    assert s['image'].dtype == torch.float32 and s['image'].shape == (3, 12, 16)
+    assert s['semseg'].dtype == torch.int64 and s['semseg'].shape == (12, 16)
+    assert s['depth'].dtype == torch.float32 and s['depth'].shape == (1, 12, 16)
+    assert s['normals'].dtype == torch.float32 and s['normals'].shape == (3, 12, 16)
+    np.testing.assert_allclose(s['image'].numpy(), a['image'].transpose(2, 0, 1), rtol=1e-6)
+    expected = np.where(a['label'] == -1, 255, a['label']).astype(np.int64)
+    assert np.array_equal(s['semseg'].numpy(), expected)
+    assert (s['semseg'] == 255).any() and s['semseg'][s['semseg'] != 255].max() <= 12
+    np.testing.assert_allclose(s['depth'][0].numpy(), a['depth'][..., 0], rtol=1e-6)
+    assert np.array_equal(s['depth'][0].numpy() == 0, a['depth'][..., 0] == 0)
+    np.testing.assert_allclose(s['normals'].numpy(), a['normal'].transpose(2, 0, 1), rtol=1e-6)
+    invalid = (s['normals'] == 0).all(0)
+    assert np.array_equal(invalid.numpy(), (a['normal'] == 0).all(-1))
+
+
+def test_task_subset_and_build_dataset(nyu):
+    root, _ = nyu
+    s = data.build_dataset('nyuv2', root, 'val', ('depth',))[0]
+    assert set(s) == {'image', 'depth'}
+    assert set(data.build_dataset('nyuv2', root, 'val')[0]) == {'image', 'semseg', 'depth', 'normals'}
+    with pytest.raises(ValueError, match='subset'):
+        data.NYUv2(root, 'train', tasks=('semseg', 'saliency'))
+    with pytest.raises(ValueError, match='unknown dataset'):
+        data.build_dataset('kitti', root, 'train')
+    with pytest.raises(ValueError, match="'train' or 'val'"):
+        data.NYUv2(root, 'test')
+
+
+def test_cityscapes_label_19_and_label_7(tmp_path):
+    root = str(tmp_path / 'cs')
+    write_mtan(root, 'val', 2, (8, 16), label_folders=('label_7',), num_classes=7, normals=False, seed=3)
+    a19 = write_mtan(root, 'val', 2, (8, 16), label_folders=('label_19',), num_classes=19, normals=False)
+    s = data.Cityscapes(root, 'val')[0]
+    assert set(s) == {'image', 'semseg', 'depth'}
+    assert np.array_equal(s['semseg'].numpy(), np.where(a19[0]['label_19'] == -1, 255, a19[0]['label_19']))
+    s7 = data.build_dataset('cityscapes', root, 'val', labels='label_7')[1]
+    assert s7['semseg'][s7['semseg'] != 255].max() <= 6
+    # a 19-class map read as label_7 must be refused (values up to 18 > 6)
+    shutil.rmtree(os.path.join(root, 'val', 'label_7'))
+    os.replace(os.path.join(root, 'val', 'label_19'), os.path.join(root, 'val', 'label_7'))
+    with pytest.raises(ValueError, match=r'0\.\.6'):
+        [data.Cityscapes(root, 'val', labels='label_7')[i] for i in range(2)]
+    with pytest.raises(ValueError, match='label_19'):
+        data.Cityscapes(root, 'val', labels='label_20')
+
+
+def test_uint8_image_and_integer_labels_are_cast(tmp_path):
+    root = str(tmp_path / 'nyu')
+    write_mtan(root, 'train', 1, (6, 8))
+    img = (np.arange(6 * 8 * 3) % 256).astype(np.uint8).reshape(6, 8, 3)
+    np.save(os.path.join(root, 'train', 'image', '0.npy'), img)
+    lab = np.full((6, 8), -1, dtype=np.int16)
+    lab[:, :4] = 12
+    np.save(os.path.join(root, 'train', 'label', '0.npy'), lab)
+    s = data.NYUv2(root)[0]
+    np.testing.assert_allclose(s['image'].numpy(), img.transpose(2, 0, 1) / 255.0, rtol=1e-6)
+    assert (s['semseg'][:, :4] == 12).all() and (s['semseg'][:, 4:] == 255).all()
+
+
+@pytest.mark.parametrize('folder, value, message', [
+    ('label', 13, r'0\.\.12'),                 # class outside NYUv2's 13
+    ('label', 2.5, 'non-integer'),
+    ('image', 255.0, r'\[0, 1\]'),             # 0..255 stored as floats
+    ('depth', -1.0, '>= 0'),
+    ('normal', 3.0, r'\[-1, 1\]'),
+])
+def test_values_that_cannot_be_the_format_are_refused(tmp_path, folder, value, message):
+    root = str(tmp_path / 'nyu')
+    arrays = write_mtan(root, 'train', 1, (6, 8))
+    key = folder
+    arr = arrays[0][key].copy()
+    arr.reshape(-1)[5] = value
+    path = os.path.join(root, 'train', folder, '0.npy')
+    np.save(path, arr)
+    with pytest.raises(ValueError, match=message) as e:
+        data.NYUv2(root)[0]
+    assert path in str(e.value)
+
+
+def test_missing_root_split_and_sample_errors(nyu, tmp_path):
+    root, _ = nyu
+    with pytest.raises(FileNotFoundError) as e:
+        data.NYUv2(str(tmp_path / 'nowhere'))
+    msg = str(e.value)
+    assert 'label/0.npy' in msg and 'normal/0.npy' in msg and 'lorenmt/mtan' in msg
+    with pytest.raises(FileNotFoundError, match='pascal|PASCAL_MT'):
+        data.PASCALContext(str(tmp_path / 'nowhere'))
+    with pytest.raises(FileNotFoundError, match='data.py synthetic'):
+        data.build_dataset('synthetic', str(tmp_path / 'nowhere'), 'train')
+    os.rename(os.path.join(root, 'val', 'normal'), os.path.join(root, 'val', 'normals'))
+    with pytest.raises(FileNotFoundError, match='val/normal/'):
+        data.NYUv2(root, 'val')
+    assert len(data.NYUv2(root, 'val', tasks=('semseg', 'depth'))) == 2  # normals not asked for
+    missing = os.path.join(root, 'train', 'depth', '2.npy')
+    os.remove(missing)
+    ds = data.NYUv2(root, 'train')
+    with pytest.raises(FileNotFoundError, match=missing):
+        ds[2]
+    corrupt = os.path.join(root, 'train', 'label', '1.npy')
+    with open(corrupt, 'wb') as f:
+        f.write(b'not an npy file')
+    with pytest.raises(ValueError, match=corrupt):
+        ds[1]
+    np.save(os.path.join(root, 'train', 'depth', '0.npy'), np.ones((5, 16, 1)))
+    with pytest.raises(ValueError, match='depth map is'):
+        ds[0]
+    np.save(os.path.join(root, 'train', 'image', '7.npy'), np.zeros((12, 16, 3)))
+    with pytest.raises(ValueError, match='7.npy'):
+        data.NYUv2(root, 'train')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def test_hflip_negates_normals_x_and_is_an_involution(nyu):
+    root, arrays = nyu
+    s = data.NYUv2(root)[0]
+    f = data.hflip(s)
+    a = arrays[0]
+    np.testing.assert_allclose(f['image'].numpy(), a['image'][:, ::-1].transpose(2, 0, 1), rtol=1e-6)
+    assert np.array_equal(f['semseg'].numpy(), np.where(a['label'] == -1, 255, a['label'])[:, ::-1])
+    np.testing.assert_allclose(f['depth'][0].numpy(), a['depth'][:, ::-1, 0], rtol=1e-6)
+    expected_normals = a['normal'][:, ::-1] * np.array([-1, 1, 1])
+    np.testing.assert_allclose(f['normals'].numpy(), expected_normals.transpose(2, 0, 1), rtol=1e-6, atol=0)
+    twice = data.hflip(f)
+    for key in s:
+        assert torch.equal(twice[key], s[key]), key
+
+
+def test_augment_is_flip_or_identity_and_reproducible(nyu):
+    root, _ = nyu
+    plain = data.NYUv2(root)[2]
+    flipped = data.hflip(plain)
+    ds = data.NYUv2(root, augment=True)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        s = ds[2]
+        is_plain = all(torch.equal(s[k], plain[k]) for k in s)
+        is_flip = all(torch.equal(s[k], flipped[k]) for k in s)
+        assert is_plain != is_flip
+        seen.add(is_flip)
+        torch.manual_seed(seed)
+        assert all(torch.equal(s[k], v) for k, v in ds[2].items())
+    assert seen == {True, False}
+    assert all(torch.equal(data.NYUv2(root, augment=False)[2][k], plain[k]) for k in plain)
+
+
+def test_scale_crop_divides_depth_and_crops_every_task_alike(nyu):
+    root, arrays = nyu
+    s = data.NYUv2(root)[0]
+    a = arrays[0]
+    H, W, scale, top, left = 12, 16, 1.5, 3, 2
+    out = data.scale_crop(s, scale, top, left)
+    h, w = int(H / scale), int(W / scale)                # 8 x 10 window
+    rows = top + np.floor(np.arange(H) * h / H).astype(int)   # nearest: src = floor(dst * in / out)
+    cols = left + np.floor(np.arange(W) * w / W).astype(int)
+    depth = a['depth'][..., 0][np.ix_(rows, cols)]
+    np.testing.assert_allclose(out['depth'][0].numpy(), depth / scale, rtol=1e-6)
+    assert np.array_equal((out['depth'][0] == 0).numpy(), depth == 0)   # invalid stays invalid
+    label = np.where(a['label'] == -1, 255, a['label'])[np.ix_(rows, cols)]
+    assert np.array_equal(out['semseg'].numpy(), label) and out['semseg'].dtype == torch.int64
+    nrm = a['normal'][np.ix_(rows, cols)].transpose(2, 0, 1)
+    np.testing.assert_allclose(out['normals'].numpy(), nrm, rtol=1e-6)      # unit or exactly zero
+    # bilinear with align_corners=True maps the output corners onto the window's corner pixels
+    img = a['image'].transpose(2, 0, 1)
+    for (r, c), (sr, sc) in {(0, 0): (top, left), (H - 1, W - 1): (top + h - 1, left + w - 1)}.items():
+        np.testing.assert_allclose(out['image'][:, r, c].numpy(), img[:, sr, sc], rtol=1e-5)
+    with pytest.raises(ValueError, match='outside'):
+        data.scale_crop(s, 1.5, 5, 0)
+
+
+def test_random_scale_crop_uses_mtan_scales(nyu):
+    root, arrays = nyu
+    ds = data.NYUv2(root, tasks=('depth',), augment=True, scale_crop=True)
+    d0 = arrays[1]['depth'][..., 0]
+    valid_values = np.unique(d0[d0 > 0])
+    scales = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        d = ds[1]['depth'][0].numpy()
+        v = d[d > 0]
+        # every output depth is an input depth divided by one of MTAN's scales
+        for s in data.MTAN_SCALES:
+            if (np.abs(v[:, None] * s - valid_values[None]).min(1) < 1e-5 * s).all():
+                scales.add(s)
+                break
+        else:
+            raise AssertionError('depth values are not input depths / a scale in (1, 1.2, 1.5)')
+    assert scales == set(data.MTAN_SCALES)
+
+
+def test_seeded_dataloader_is_reproducible(nyu):
+    root, _ = nyu
+    ds = data.NYUv2(root, augment=True, scale_crop=True)
+
+    def batches():
+        torch.manual_seed(3)
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True,
+                                             generator=torch.Generator().manual_seed(7))
+        return [b for b in loader]
+    first, second = batches(), batches()
+    for b1, b2 in zip(first, second):
+        assert all(torch.equal(b1[k], b2[k]) for k in b1)
+
+# ---------------------------------------------------------------------------------------------------
+# PASCAL-Context fixtures (the PASCAL_MT folder)
+
+
+def _struct(fields, rows):
+    arr = np.zeros((1, len(rows)), dtype=[(f, 'O') for f in fields])
+    for j, row in enumerate(rows):
+        arr[0, j] = row
+    return arr
+
+
+def write_pascal_sample(root, id_, size, rng, person=True, split='train', semseg_folder='VOC12'):
+    """One sample of the PASCAL_MT layout. LabelMap: left half class 2 ('aeroplane', no valid
+    normals), right half class 440 ('wall', valid). Returns the arrays written."""
+    h, w = size
+    for d in ('JPEGImages', 'ImageSets/Context', f'semseg/{semseg_folder}', 'human_parts', 'sal_distill',
+              'normals_distill', 'pascal-context/trainval'):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    with open(os.path.join(root, 'ImageSets', 'Context', f'{split}.txt'), 'a') as f:
+        f.write(id_ + '\n')
+    yy, xx = np.mgrid[0:h, 0:w]                   # smooth, so that JPEG keeps it close
+    img = np.stack([yy * 255 // h, xx * 255 // w, (yy + xx) * 127 // (h + w)], -1).astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(root, 'JPEGImages', id_ + '.jpg'), quality=95)
+    sem = rng.integers(0, 21, (h, w)).astype(np.uint8)
+    sem[0, :] = 255
+    png = Image.frombytes('P', (w, h), sem.tobytes())
+    png.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    png.save(os.path.join(root, 'semseg', semseg_folder, id_ + '.png'))
+    sal = rng.choice(np.array([0, 127, 128, 255], dtype=np.uint8), (h, w))
+    Image.fromarray(sal).save(os.path.join(root, 'sal_distill', id_ + '.png'))
+    nrm = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    Image.fromarray(nrm).save(os.path.join(root, 'normals_distill', id_ + '.png'))
+    ctx = np.full((h, w), 440, dtype=np.uint16)
+    ctx[:, : w // 2] = 2
+    scipy.io.savemat(os.path.join(root, 'pascal-context', 'trainval', id_ + '.mat'), {'LabelMap': ctx})
+
+    parts = np.zeros((h, w), dtype=np.int64)
+    objects = [('dog', 12, np.ones((h, w), np.uint8), np.zeros((0, 0)))]
+    if person:
+        masks = {}
+        for name, (r0, r1), part in (('hair', (2, 5), 1), ('nose', (5, 8), 1), ('torso', (8, 14), 2),
+                                     ('ruarm', (14, 16), 3), ('lhand', (16, 18), 4),
+                                     ('luleg', (18, 20), 5), ('rfoot', (20, 22), 6)):
+            m = np.zeros((h, w), np.uint8)
+            m[r0:r1, 4:10] = 1
+            masks[name] = m
+            parts[r0:r1, 4:10] = part
+        person_mask = (parts > 0).astype(np.uint8)
+        objects.append(('person', 15, person_mask, _struct(('part_name', 'mask'), list(masks.items()))))
+        lonely = np.zeros((h, w), np.uint8)
+        lonely[2:10, 20:24] = 1                  # a person annotated without parts: ignored
+        objects.append(('person', 15, lonely, np.zeros((0, 0))))
+        parts[2:10, 20:24] = 255
+    else:
+        parts[:] = 255
+    anno = {'imname': id_, 'objects': _struct(('class', 'class_ind', 'mask', 'parts'), objects)}
+    scipy.io.savemat(os.path.join(root, 'human_parts', id_ + '.mat'), {'anno': anno})
+    return {'image': img, 'semseg': sem, 'saliency': sal, 'normals': nrm, 'context': ctx, 'parts': parts}
+
+
+@pytest.fixture
+def pascal(tmp_path):
+    root = str(tmp_path / 'PASCAL_MT')
+    rng = np.random.default_rng(0)
+    written = {'2008_000001': write_pascal_sample(root, '2008_000001', (30, 40), rng),
+               '2008_000002': write_pascal_sample(root, '2008_000002', (36, 28), rng, person=False)}
+    return root, written
+
+
+def test_pascal_loads_every_task_padded_with_ignore(pascal):
+    root, written = pascal
+    ds = data.PASCALContext(root, 'train', size=48)
+    assert len(ds) == 2
+    s = ds[0]
+    a = written['2008_000001']
+    h, w = 30, 40
+    assert s['meta'] == {'id': '2008_000001', 'size': (30, 40)}
+    shapes = {'image': (3, 48, 48), 'semseg': (48, 48), 'human_parts': (48, 48), 'saliency': (1, 48, 48),
+              'normals': (3, 48, 48), 'edge': (1, 48, 48)}
+    dtypes = {'semseg': torch.int64, 'human_parts': torch.int64}
+    for key, shape in shapes.items():
+        assert s[key].shape == shape, key
+        assert s[key].dtype == dtypes.get(key, torch.float32), key
+    # padding (bottom / right): image 0, normals invalid, everything else ignore
+    assert (s['image'][:, h:] == 0).all() and (s['image'][:, :, w:] == 0).all()
+    assert (s['normals'][:, h:] == 0).all() and (s['normals'][:, :, w:] == 0).all()
+    for key in ('semseg', 'human_parts', 'saliency', 'edge'):
+        t = s[key].reshape(-1, 48, 48)
+        assert (t[:, h:] == 255).all() and (t[:, :, w:] == 255).all(), key
+    # JPEG is lossy: the image only approximately equals what was written
+    assert np.abs(s['image'][:, :h, :w].numpy() * 255 - a['image'].transpose(2, 0, 1)).mean() < 3
+    assert np.array_equal(s['semseg'][:h, :w].numpy(), a['semseg'])
+    assert np.array_equal(s['human_parts'][:h, :w].numpy(), a['parts'])
+    assert set(np.unique(a['parts']).tolist()) == {0, 1, 2, 3, 4, 5, 6, 255}
+    assert np.array_equal(s['saliency'][0, :h, :w].numpy(), (a['saliency'] >= 128).astype(np.float32))
+    normals = 2 * a['normals'].astype(np.float32) / 255 - 1
+    normals[:, : w // 2] = 0                          # class 2 (aeroplane) has no valid normals
+    np.testing.assert_allclose(s['normals'][:, :h, :w].numpy(), normals.transpose(2, 0, 1), atol=1e-6)
+    # the LabelMap has one vertical class boundary at column w/2: a one-pixel edge on every row
+    edge = s['edge'][0, :h, :w].numpy()
+    assert set(np.unique(edge).tolist()) == {0.0, 1.0}
+    # (thinning may shorten a curve by one pixel where it meets the image border)
+    assert (edge[1:-1].sum(1) == 1).all() and edge.sum() >= h - 2
+    assert set(edge[1:-1].argmax(1).tolist()) <= {w // 2 - 1, w // 2}
+
+    s2 = ds[1]                                       # no person: human parts all ignore
+    assert s2['meta']['size'] == (36, 28) and (s2['human_parts'] == 255).all()
+
+
+def test_pascal_task_subset_semseg_fallback_and_collate(tmp_path):
+    root = str(tmp_path / 'PASCAL_MT')
+    rng = np.random.default_rng(1)
+    a = write_pascal_sample(root, 'x1', (20, 24), rng, split='val', semseg_folder='pascal-context')
+    write_pascal_sample(root, 'x2', (24, 20), rng, split='val', semseg_folder='pascal-context')
+    ds = data.build_dataset('pascal', root, 'val', ('semseg',), size=32)
+    s = ds[0]
+    assert set(s) == {'image', 'semseg', 'meta'}
+    assert np.array_equal(s['semseg'][:20, :24].numpy(), a['semseg'])
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
+    assert batch['image'].shape == (2, 3, 32, 32)
+    assert batch['meta']['id'] == ['x1', 'x2'] and batch['meta']['size'][0].tolist() == [20, 24]
+    with pytest.raises(ValueError, match='scale_crop'):
+        data.build_dataset('pascal', root, 'val', ('semseg',), scale_crop=True)
+
+
+def test_pascal_flip_and_large_image_resize(tmp_path):
+    root = str(tmp_path / 'PASCAL_MT')
+    write_pascal_sample(root, 'big', (40, 64), np.random.default_rng(2))
+    plain = data.PASCALContext(root, size=64)[0]
+    ds = data.PASCALContext(root, size=64, augment=True)
+    flips = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        s = ds[0]
+        if torch.equal(s['semseg'], plain['semseg']):
+            continue
+        flips += 1
+        # flipped before padding: the valid 40x64 block is mirrored in place
+        assert torch.equal(s['semseg'][:40], plain['semseg'][:40].flip(-1))
+        assert torch.equal(s['normals'][0, :40], -plain['normals'][0, :40].flip(-1))
+        assert torch.equal(s['normals'][1:, :40], plain['normals'][1:, :40].flip(-1))
+    assert 0 < flips < 8
+    small = data.PASCALContext(root, size=32)[0]      # 40x64 > 32: resized to 20x32, then padded
+    assert small['image'].shape == (3, 32, 32) and small['meta']['size'] == (40, 64)
+    assert (small['semseg'][20:] == 255).all() and (small['semseg'][:20] != 255).any()
+    assert data.restore_size(small['image'], (40, 64), 32).shape == (3, 40, 64)
+    assert torch.equal(data.restore_size(plain['semseg'], (40, 64), 64), plain['semseg'][:40])
+
+
+def test_pascal_normals_classes_from_release_json(pascal):
+    root, written = pascal
+    os.makedirs(os.path.join(root, 'json'))
+    with open(os.path.join(root, 'json', 'nyu_classes.json'), 'w') as f:
+        json.dump(['aeroplane', 'chair', 'unknown'], f)   # aeroplane valid, wall not
+    with open(os.path.join(root, 'json', 'context_classes.json'), 'w') as f:
+        json.dump({'aeroplane': 2, 'wall': 440, 'unknown': 431}, f)
+    s = data.PASCALContext(root, tasks=('normals',), size=48)[0]
+    assert (s['normals'][:, :30, 20:40] == 0).all() and (s['normals'][:, :30, :20] != 0).any()
+
+
+def test_pascal_errors_name_the_file(pascal):
+    root, _ = pascal
+    with pytest.raises(FileNotFoundError, match='ImageSets/Context/val.txt'):
+        data.PASCALContext(root, 'val')
+    os.remove(os.path.join(root, 'sal_distill', '2008_000002.png'))
+    with pytest.raises(FileNotFoundError, match='2008_000002.png'):
+        data.PASCALContext(root, size=48)[1]
+    bad = np.full((30, 40), 21, np.uint8)
+    Image.fromarray(bad).save(os.path.join(root, 'semseg', 'VOC12', '2008_000001.png'))
+    with pytest.raises(ValueError, match=r'0\.\.20'):
+        data.PASCALContext(root, tasks=('semseg',), size=48)[0]
+    scipy.io.savemat(os.path.join(root, 'human_parts', '2008_000001.mat'), {'annotation': 1})
+    with pytest.raises(ValueError, match="'anno'"):
+        data.PASCALContext(root, tasks=('human_parts',), size=48)[0]
+
+
+def test_thin_keeps_one_pixel_connected_curves():
+    band = np.zeros((12, 12), bool)
+    band[1:11, 5:7] = True                            # a 2-pixel-wide vertical band
+    t = data.thin(band)
+    assert (t[2:10].sum(1) == 1).all() and not (t & ~band).any()
+    ell = np.zeros((14, 14), bool)
+    ell[2:12, 2:4] = True
+    ell[10:12, 2:12] = True                           # a 2-pixel-wide L
+    t = data.thin(ell)
+    assert not (t & ~ell).any() and t.sum() < ell.sum() / 1.5
+    from scipy.ndimage import label
+    assert label(t, structure=np.ones((3, 3)))[1] == 1   # still one 8-connected curve
+    square = np.zeros((7, 7), bool)
+    square[2:5, 2:5] = True
+    assert data.thin(square).sum() == 1
+    # label_edges of a 3-class map: thin curves exactly along the class boundaries
+    lm = np.zeros((10, 10), int)
+    lm[:, 5:] = 7
+    lm[6:, :] = 3
+    e = data.label_edges(lm)
+    assert e[1:5].sum(1).tolist() == [1] * 4 and (e[1:5, 4] | e[1:5, 5]).all()
+    assert e[5:7, :8].sum(0).tolist() == [1] * 8 and not e[8:].any() and not e[:5, 6:].any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic scenes
+
+def _scenes(n, size=(96, 128), seed=5):
+    return [data.render_scene(np.random.default_rng([seed, 0, i]), size) for i in range(n)]
+
+
+def _back_project(depth, size):
+    """Camera-frame points (3, H, W) of a z-depth map: pinhole with f = SYN_FOCAL * W, principal point
+    at the image centre, x right, y up, camera looking along -z."""
+    H, W = size
+    f = data.SYN_FOCAL * W
+    u, v = np.meshgrid(np.arange(W) + 0.5 - W / 2, np.arange(H) + 0.5 - H / 2)
+    depth = depth.astype(np.float64)
+    return np.stack([depth * u / f, -depth * v / f, -depth])
+
+
+def test_synthetic_normals_agree_with_depth_on_planes():
+    size = (96, 128)
+    checked = 0
+    for s in _scenes(6, size):
+        P = _back_project(s['depth'][..., 0], size)
+        n = s['normal'].transpose(2, 0, 1).astype(np.float64)
+        face, valid = s['face'], s['depth'][..., 0] > 0
+        assert np.allclose(np.linalg.norm(n[:, valid], axis=0), 1, atol=1e-5)   # unit where valid
+        assert (n[:, ~valid] == 0).all()                                         # zero where not
+        assert ((n * P).sum(0)[valid] < 0).all()       # every visible surface faces the camera
+        # interior pixels of a face: their 3x3 neighbourhood is that face, all valid
+        same = np.ones_like(valid)
+        for dv in (-1, 0, 1):
+            for du in (-1, 0, 1):
+                shifted = np.roll(np.roll(face, dv, 0), du, 1)
+                ok = np.roll(np.roll(valid, dv, 0), du, 1)
+                same &= (shifted == face) & ok
+        same[[0, -1]] = False
+        same[:, [0, -1]] = False
+        tu = np.roll(P, -1, 2) - np.roll(P, 1, 2)       # tangents from neighbouring depths
+        tv = np.roll(P, -1, 1) - np.roll(P, 1, 1)
+        m = np.cross(tu, tv, axis=0)[:, same]
+        m /= np.linalg.norm(m, axis=0, keepdims=True)
+        cos = np.abs((m * n[:, same]).sum(0))
+        assert np.degrees(np.arccos(np.clip(cos.min(), -1, 1))) < 0.5
+        checked += same.sum()
+    assert checked > 20000
+
+
+def test_synthetic_normals_convention_floor_up_ceiling_down():
+    for s in _scenes(10):
+        lab, ny = s['label'], s['normal'][..., 1]
+        valid = s['depth'][..., 0] > 0
+        assert (ny[(lab == data.CLS['floor']) & valid] > 0.5).all()
+        assert (ny[(lab == data.CLS['ceiling']) & valid] < -0.5).all()
+
+
+def test_synthetic_labels_change_where_depth_jumps():
+    jumps = label_changes = 0
+    for s in _scenes(10):
+        d, lab, face = s['depth'][..., 0], s['label'], s['face']
+        for axis in (0, 1):
+            a, b = (d[1:], d[:-1]) if axis == 0 else (d[:, 1:], d[:, :-1])
+            sl = (np.s_[1:], np.s_[:-1]) if axis == 0 else (np.s_[:, 1:], np.s_[:, :-1])
+            jump = (a > 0) & (b > 0) & (np.abs(a - b) > 0.15 * np.minimum(a, b))
+            assert (face[sl[0]][jump] != face[sl[1]][jump]).all()   # a jump is always a face change
+            valid = (lab[sl[0]] >= 0) & (lab[sl[1]] >= 0)
+            jumps += (jump & valid).sum()
+            label_changes += (jump & valid & (lab[sl[0]] != lab[sl[1]])).sum()
+        # one face, one label
+        lab_valid = lab >= 0
+        for f in np.unique(face[lab_valid]):
+            assert len(np.unique(lab[(face == f) & lab_valid])) == 1
+    assert jumps > 100 and label_changes / jumps > 0.7
+
+
+def test_synthetic_scene_content():
+    counts = np.zeros(13)
+    invalid_depth = ignored = 0
+    for s in _scenes(30, (48, 64)):
+        lab = s['label']
+        assert set(np.unique(lab).tolist()) <= set(range(-1, 13))
+        counts += np.bincount(lab[lab >= 0].astype(int), minlength=13)
+        invalid_depth += (s['depth'] == 0).sum()
+        ignored += (lab == -1).sum()
+        img = s['image']
+        assert img.dtype == np.float32 and img.min() >= 0 and img.max() <= 1 and img.std() > 0.03
+    assert (counts > 0).sum() >= 11            # nearly every class appears in 30 scenes
+    assert invalid_depth > 0 and ignored > 0
+
+
+def test_make_synthetic_is_deterministic_and_nyuv2_readable(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in 'abc')
+    data.make_synthetic(a, 3, 2, size=(24, 32), seed=1)
+    data.make_synthetic(b, 3, 2, size=(24, 32), seed=1)
+    data.make_synthetic(c, 3, 2, size=(24, 32), seed=2)
+    files = [os.path.join(split, folder, f'{i}.npy') for split, n in (('train', 3), ('val', 2))
+             for folder in ('image', 'label', 'depth', 'normal') for i in range(n)]
+    def read(root, f):
+        with open(os.path.join(root, f), 'rb') as fh:
+            return fh.read()
+    assert all(read(a, f) == read(b, f) for f in files)
+    assert any(read(a, f) != read(c, f) for f in files)
+    ds = data.build_dataset('synthetic', a, 'train', augment=True, scale_crop=True)
+    s = ds[0]
+    assert len(ds) == 3 and s['image'].shape == (3, 24, 32) and s['normals'].shape == (3, 24, 32)
+    assert set(s['semseg'].unique().tolist()) <= set(range(13)) | {255}
+    # the same arguments again: nothing rewritten; other arguments: rewritten
+    mtime = os.path.getmtime(os.path.join(a, 'train', 'image', '0.npy'))
+    data.build_dataset('synthetic', a, 'val', n_train=3, n_val=2, size=(24, 32), seed=1)
+    assert os.path.getmtime(os.path.join(a, 'train', 'image', '0.npy')) == mtime
+    data.make_synthetic(a, 2, 1, size=(16, 20), seed=1)
+    assert len(data.NYUv2(a, 'train')) == 2 and data.NYUv2(a, 'val')[0]['image'].shape == (3, 16, 20)
+    with pytest.raises(ValueError, match='not empty'):
+        data.make_synthetic(str(tmp_path), 2, 1)
+    # an interrupted run (marker says incomplete) is redone, not trusted
+    with open(os.path.join(b, 'synthetic.json')) as f:
+        marker = json.load(f)
+    with open(os.path.join(b, 'synthetic.json'), 'w') as f:
+        json.dump({**marker, 'complete': False}, f)
+    before = [read(b, f) for f in files]
+    os.remove(os.path.join(b, 'val', 'depth', '1.npy'))
+    data.make_synthetic(b, 3, 2, size=(24, 32), seed=1)
+    assert [read(b, f) for f in files] == before
+    with open(os.path.join(b, 'synthetic.json')) as f:
+        assert json.load(f)['complete'] is True
+
+
+def test_cli_synthetic_and_check(tmp_path, capsys):
+    out = str(tmp_path / 'syn')
+    data.main(['synthetic', out, '--n-train', '2', '--n-val', '1', '--size', '20x28', '--seed', '4'])
+    assert len(data.NYUv2(out, 'train')) == 2
+    data.main(['check', 'synthetic', out, '--split', 'train'])
+    assert 'samples/s' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        data.main(['synthetic', out, '--size', '20-28'])
