@@ -1,13 +1,26 @@
-"""Resource benchmarks: the CTAL micro-benchmark (dense vs linear), on CPU or CUDA.
+"""The papers' resource table (params, FLOPs, time, memory) for every model, and the CTAL micro-benchmark.
 
-    python profile.py --module ctal --scale 1/4 [--batch 2] [--device cpu|cuda] [--fit-gb 20]
+    python profile.py --scale 1/6 [--dataset nyuv2|cityscapes|pascal] [--models stl mtl ctal_ss ...]
+                      [--batch 8] [--device cpu|cuda] [--ctal-impl auto|dense|linear] [--train] [--json F]
+    python profile.py --module ctal --scale 1/4 [--batch 2] [--fit-gb 20]
 
-For each implementation of CTAL it times forward+backward at NYUv2 shapes (288x384 input, so the
-distillation map is 72x96 at 1/4, 48x64 at 1/6, 36x48 at 1/8; C = 128, T = 3), counts FLOPs with
-torch.utils.flop_counter.FlopCounterMode, and measures peak memory: on CPU the peak resident set of a
-fresh subprocess per implementation (so one implementation's allocations cannot hide the other's), on
-CUDA torch.cuda.max_memory_allocated. It prints both side by side with the ratios, and the largest batch
-each implementation fits in --fit-gb GB at 1/4 and 1/2 scale (from the measured per-image memory).
+Model table (default): for each model, built by model.build_model with random weights,
+  params      count, and relative to STL (the papers' "Rel Param.")
+  GFLOP/img   forward FLOPs of one image, counted with torch.utils.flop_counter.FlopCounterMode
+  GMAC@8      the same in the papers' convention: multiply-accumulates for a batch of 8 (read it against
+              their FLOPs column; CTAL's figure depends on --ctal-impl, the papers' is the dense form)
+  val time    seconds to run the whole validation split (NYUv2 654 images) at --batch, extrapolated from
+              timed forward passes after a warm-up (CUDA events + synchronisation on GPU)
+  peak MB     peak memory above the weights: torch.cuda.max_memory_allocated on GPU; on CPU the peak
+              resident set of a fresh subprocess per measurement, so one model cannot hide another's
+  --train     adds a forward+backward step's time and peak memory
+with the papers' figures beside ours where the papers give them (their time is on one RTX A5000).
+PAP-Net is printed twice: with one propagation iteration (the authors' code default) and with two,
+which is what the papers' 521 G matches.
+
+CTAL micro-benchmark (--module ctal): dense vs linear forward+backward at NYUv2 shapes (288x384 input, so
+72x96 at 1/4, 48x64 at 1/6, 36x48 at 1/8; C = 128, T = 3): time, FLOPs, peak memory and their ratios,
+and with --fit-gb the largest batch each implementation fits in that memory at 1/4 and 1/2 scale.
 """
 import importlib.util
 import os
@@ -38,7 +51,40 @@ import torch  # noqa: E402
 
 from ctal import CTAL, choose_impl  # noqa: E402
 
+# data.py and model.py are imported inside the functions that use them: model.py pulls in torchvision,
+# which imports cProfile, which imports `profile` -- this file -- again; importing model.py up here would
+# make that second import circular.
+
 NYUV2_SIZE = (288, 384)
+# input size, validation images and backbone of each dataset (SPEC sections 4 and 6)
+DATASETS = {
+    'nyuv2': dict(size=(288, 384), val_images=654, backbone='hrnet18'),
+    'cityscapes': dict(size=(128, 256), val_images=500, backbone='hrnet18'),
+    'pascal': dict(size=(512, 512), val_images=5105, backbone='swinv2_s'),
+}
+# The papers' resource table, NYUv2 with HRNet-W18 (EMA-Net Tab. 3 = CTAL Tab. 5):
+# (model, scale) -> (params relative to STL, GMAC for a batch of 8, seconds for the val split on one
+# RTX A5000, delta_m). PAP-Net's 521 G matches two propagation iterations (row 'papnet x2').
+PAPER_CNN = {
+    ('mtl', '1/4'): (0.346, 42, 2.82, -1.89),
+    ('papnet x2', '1/4'): (0.404, 521, 17.73, 0.04),
+    ('padnet', '1/4'): (1.023, 484, 6.13, 0.27),
+    ('ctal_ss', '1/4'): (0.513, 537, 13.85, 2.64),
+    ('ctal_ss', '1/6'): (0.504, 194, 5.97, 1.70),
+    ('ctal_ss', '1/8'): (0.500, 124, 4.37, 1.50),
+    ('mtinet', '1/4'): (1.070, 65, 4.45, 3.04),
+    ('ctal_ms', '1/4'): (0.944, 525, 14.26, 4.76),
+    ('ctal_ms', '1/6'): (0.935, 190, 6.48, 3.62),
+    ('ctal_ms', '1/8'): (0.932, 117, 5.23, 3.43),
+}
+# Transformer path (CTAL Tabs. 2 and 3): model -> (Params (M), FLOPs (G)) as printed. On PASCAL the
+# printed Params of mtl / padnet / ctal_ss equal our FLOP-derived figures and vice versa (see README).
+PAPER_SWIN = {
+    'nyuv2': {'stl': (166.8, 148.2), 'mtl': (68.8, 60.5), 'padnet': (65.6, 57.4), 'papnet': (55.8, 49.2),
+              'ctal_ss': (57.0, 49.9)},
+    'pascal': {'stl': (278.0, 477.5), 'mtl': (108.7, 82.1), 'padnet': (112.3, 88.5),
+               'papnet': (100.5, 64.9), 'ctal_ss': (114.1, 62.2)},
+}
 
 
 def parse_scale(text):
@@ -73,62 +119,179 @@ def flop_counter():
                            custom_mapping={torch.ops.aten.convolution_backward: _grouped_conv_backward_flop})
 
 
-def _sync(device):
+def measure(step, device, iters, warmup=1):
+    """(seconds per call of `step`, peak bytes allocated above what was live before the first call)."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        mem0 = torch.cuda.memory_allocated(device)
+        for _ in range(warmup):
+            step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3 / iters, torch.cuda.max_memory_allocated(device) - mem0
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux reports KiB
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    seconds = (time.perf_counter() - t0) / iters
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
 
 
-def ctal_step_stats(impl, size, batch, channels, tasks, device, iters, warmup=1):
-    """Time, FLOPs and peak memory of one CTAL forward+backward. Runs in the calling process."""
+def isolated(function, **kwargs):
+    """Run profile.<function>(**kwargs) in a fresh interpreter and return its (JSON) result, so that
+    the peak resident set it measures on CPU is its own and not an earlier measurement's."""
+    code = ("import json, sys, profile; "
+            f"print(json.dumps(profile.{function}(**json.loads(sys.argv[1]))))")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], cwd=here,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess {function}({kwargs}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(function, device, **kwargs):
+    """Measure in a subprocess on CPU (memory isolation), in this process on CUDA (one context)."""
+    if device == "cpu":
+        return isolated(function, device=device, **kwargs)
+    return globals()[function](device=device, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- model table
+
+def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, device, iters, train):
+    """Params, forward FLOPs per image, and time + peak memory of one batch (eval, or train step)."""
+    from data import DATASET_TASKS
+    from model import build_model
     torch.manual_seed(0)
-    device = torch.device(device)
-    module = CTAL(tasks, channels, size, impl=impl).to(device)
+    info = DATASETS[dataset]
+    model = build_model(name, DATASET_TASKS[dataset], tuple(img_size), backbone=info["backbone"],
+                        scale=scale, ctal_impl=ctal_impl, pap_iters=pap_iters).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    images = torch.rand(batch, 3, *img_size, device=device)
+    model.train(train)
+
+    def eval_step():
+        with torch.no_grad():
+            model(images)
+
+    def train_step():
+        out = model(images)
+        loss = sum(o.float().mean() for t, o in out.items() if t != "initial")
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    seconds, peak = measure(train_step if train else eval_step, device, iters)   # before anything else runs
+    model.eval()
+    with flop_counter() as counter, torch.no_grad():
+        model(images[:1])
+    flops = counter.get_total_flops()                             # forward, one image
+    return dict(params=params, flops_per_image=flops, seconds_per_batch=seconds, peak_bytes=peak)
+
+
+def default_models(backbone):
+    from model import MODEL_NAMES, SWIN_MODEL_NAMES
+    names = SWIN_MODEL_NAMES if backbone == "swinv2_s" else MODEL_NAMES
+    rows = []
+    for name in names:
+        rows.append(name)
+        if name == "papnet":
+            rows.append("papnet x2")
+    return rows
+
+
+def run_model_table(args):
+    from data import DATASET_TASKS
+    from model import build_model
+    info = DATASETS[args.dataset]
+    img_size = args.img_size or info["size"]
+    backbone = info["backbone"]
+    val_images = args.val_images or info["val_images"]
+    scale_key = f"{args.scale.numerator}/{args.scale.denominator}"
+    models = args.models or default_models(backbone)
+    print(f"{args.dataset} {img_size[0]}x{img_size[1]} ({backbone}), distillation scale {scale_key}, "
+          f"batch {args.batch}, device {args.device}, ctal_impl {args.ctal_impl}; val split "
+          f"{val_images} images")
+    results = {}
+    stl_params = None
+    for row in ["stl"] + [m for m in models if m != "stl"]:
+        name, pap_iters = ("papnet", 2) if row == "papnet x2" else (row, 1)
+        common = dict(name=name, dataset=args.dataset, img_size=list(img_size), scale=float(args.scale),
+                      ctal_impl=args.ctal_impl, pap_iters=pap_iters, batch=args.batch, iters=args.iters)
+        if row == "stl" and "stl" not in models:   # only its parameter count, for the relative column
+            torch.manual_seed(0)
+            stl = build_model("stl", DATASET_TASKS[args.dataset], tuple(img_size), backbone=backbone)
+            stl_params = sum(p.numel() for p in stl.parameters())
+            continue
+        r = run("model_stats", args.device, train=False, **common)
+        if args.train:
+            t = run("model_stats", args.device, train=True, **common)
+            r.update(train_seconds=t["seconds_per_batch"], train_peak_bytes=t["peak_bytes"])
+        if row == "stl":
+            stl_params = r["params"]
+        r["rel_params"] = r["params"] / stl_params
+        r["gmac_batch8"] = r["flops_per_image"] / 2 * 8 / 1e9
+        r["val_seconds"] = r["seconds_per_batch"] * val_images / args.batch
+        results[row] = r
+        print_model_row(row, r, args, scale_key, header=len(results) == 1)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config={k: str(v) for k, v in vars(args).items()}, models=results), f, indent=2)
+    return results
+
+
+def paper_figures(row, args, scale_key):
+    """The papers' figures for this row, as a short string ('' where they give none)."""
+    info = DATASETS[args.dataset]
+    if args.img_size and tuple(args.img_size) != info["size"]:
+        return ""
+    if info["backbone"] == "hrnet18" and args.dataset == "nyuv2":
+        if (row, scale_key) in PAPER_CNN:
+            rel, gmac, sec, dm = PAPER_CNN[(row, scale_key)]
+            return f"rel {rel:.3f}  {gmac:4d} G  {sec:6.2f} s  dm {dm:+.2f}"
+        return "rel 1.000" if row == "stl" else ""
+    swin = PAPER_SWIN.get(args.dataset, {})
+    if row in swin:
+        return f"Params {swin[row][0]:.1f} M  FLOPs {swin[row][1]:.1f} G"
+    return ""
+
+
+def print_model_row(row, r, args, scale_key, header):
+    if header:
+        train = f" {'train s/it':>10s} {'train MB':>9s}" if args.train else ""
+        print(f"{'model':10s} {'params M':>9s} {'rel':>6s} {'GFLOP/img':>10s} {'GMAC@8':>8s} "
+              f"{'val s':>8s} {'peak MB':>8s}{train}   papers")
+    train = (f" {r['train_seconds']:10.3f} {r['train_peak_bytes'] / 2**20:9.0f}" if args.train else "")
+    print(f"{row:10s} {r['params'] / 1e6:9.2f} {r['rel_params']:6.3f} {r['flops_per_image'] / 1e9:10.1f} "
+          f"{r['gmac_batch8']:8.1f} {r['val_seconds']:8.2f} {r['peak_bytes'] / 2**20:8.0f}{train}   "
+          f"{paper_figures(row, args, scale_key)}", flush=True)
+
+
+# ------------------------------------------------------------------------------- CTAL micro-benchmark
+
+def ctal_step_stats(impl, size, batch, channels, tasks, device, iters):
+    """Time, FLOPs and peak memory of one CTAL forward+backward."""
+    torch.manual_seed(0)
+    module = CTAL(tasks, channels, tuple(size), impl=impl).to(device)
     feats = [torch.randn(batch, channels, *size, device=device, requires_grad=True) for _ in range(tasks)]
 
     def step():
         out = module(feats)
         sum(o.float().square().mean() for o in out).backward()
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        mem0 = torch.cuda.memory_allocated(device)
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        _sync(device)
-        seconds = start.elapsed_time(end) / 1e3 / iters
-        peak = torch.cuda.max_memory_allocated(device) - mem0
-    else:
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        seconds = (time.perf_counter() - t0) / iters
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    seconds, peak = measure(step, device, iters)
     with flop_counter() as counter:
         step()
     return dict(impl=impl, size=list(size), batch=batch, seconds=seconds, peak_bytes=peak,
                 flops=counter.get_total_flops())
-
-
-def ctal_stats_isolated(impl, size, batch, channels, tasks, device, iters):
-    """On CPU, run `ctal_step_stats` in a fresh interpreter so its peak RSS is its own."""
-    if device != "cpu":
-        return ctal_step_stats(impl, size, batch, channels, tasks, device, iters)
-    args = json.dumps([impl, list(size), batch, channels, tasks, device, iters])
-    code = "import json, sys, profile; print(json.dumps(profile.ctal_step_stats(*json.loads(sys.argv[1]))))"
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", code, args], cwd=here, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark subprocess for impl={impl} size={size} batch={batch} failed:\n"
-                           f"{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def dense_bytes_per_image(size, tasks, m=1, bytes_per=4):
@@ -139,17 +302,14 @@ def dense_bytes_per_image(size, tasks, m=1, bytes_per=4):
     return (3 * tasks + 2 * m) * hw * hw * bytes_per
 
 
-def largest_batch(fit_bytes, base, per_image):
-    return max(0, int((fit_bytes - base) // per_image))
-
-
 def run_ctal_benchmark(args):
     device, T, C = args.device, args.tasks, args.channels
     size = scaled_size(NYUV2_SIZE, args.scale)
     print(f"CTAL forward+backward on {device}: input {NYUV2_SIZE[0]}x{NYUV2_SIZE[1]}, scale "
           f"{args.scale} -> map {size[0]}x{size[1]} (HW = {size[0] * size[1]}), C={C}, T={T}, "
           f"batch {args.batch}; auto picks {choose_impl(T, C, size)!r}")
-    rows = {impl: ctal_stats_isolated(impl, size, args.batch, C, T, device, args.iters)
+    rows = {impl: run("ctal_step_stats", device, impl=impl, size=list(size), batch=args.batch,
+                      channels=C, tasks=T, iters=args.iters)
             for impl in ("dense", "linear")}
     print(f"{'impl':8s} {'time/step':>10s} {'GFLOP/step':>11s} {'peak MB':>9s}")
     for impl, r in rows.items():
@@ -159,19 +319,19 @@ def run_ctal_benchmark(args):
           f"peak memory {d['peak_bytes'] / max(l['peak_bytes'], 1):.2f}x")
     result = dict(rows=rows)
     if args.fit_gb:
-        result["largest_batch"] = report_largest_batches(args, rows)
+        result["largest_batch"] = report_largest_batches(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
 
 
-def report_largest_batches(args, rows):
+def report_largest_batches(args):
     """Largest batch whose forward+backward peak fits in --fit-gb, at 1/4 and 1/2 scale.
 
-    The per-image cost is measured (batch 1 vs the benchmark batch) at the benchmarked size. At 1/2 scale
-    linear is measured the same way; dense is measured only where its lower-bound estimate fits in 80%
-    of this machine's free memory, and is otherwise the lower bound itself (marked 'bound')."""
+    The per-image cost is measured as peak(batch 2) - peak(batch 1). Dense is measured only where its
+    lower-bound estimate fits in 80% of the free memory; otherwise the lower bound itself is used
+    (marked 'bound': the true figure can only be larger, so the batch can only be smaller)."""
     device, T, C = args.device, args.tasks, args.channels
     fit = args.fit_gb * 2**30
     out = {}
@@ -181,14 +341,13 @@ def report_largest_batches(args, rows):
         for impl in ("dense", "linear"):
             bound = dense_bytes_per_image(size, T) if impl == "dense" else 0
             if bound * 2 > 0.8 * available_bytes(device):
-                batch, how = (0 if bound > fit else int(fit // bound)), "bound"
-                per_image = bound
+                per_image, batch, how = bound, int(fit // bound), "bound"
             else:
-                one = ctal_stats_isolated(impl, size, 1, C, T, device, 1)
-                two = ctal_stats_isolated(impl, size, 2, C, T, device, 1)
+                one, two = (run("ctal_step_stats", device, impl=impl, size=list(size), batch=b, channels=C,
+                                tasks=T, iters=1) for b in (1, 2))
                 per_image = max(two["peak_bytes"] - one["peak_bytes"], 1)
                 base = one["peak_bytes"] - per_image
-                batch, how = largest_batch(fit, base, per_image), "measured"
+                batch, how = max(0, int((fit - base) // per_image)), "measured"
             out[f"{impl}@{size[0]}x{size[1]}"] = dict(batch=batch, per_image_bytes=per_image, how=how)
             print(f"  {size[0]:4d}x{size[1]:<4d} {impl:7s} batch {batch:5d}   "
                   f"({per_image / 2**20:,.0f} MB per image, {how})")
@@ -203,25 +362,51 @@ def available_bytes(device):
     return int(info["MemAvailable"].split()[0]) * 1024
 
 
+# ------------------------------------------------------------------------------------------- main
+
+def parse_size(text):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes look like 288x384, got {text!r}")
+    return h, w
+
+
 def main(argv=None):
+    from model import MODEL_NAMES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--module", choices=["ctal"], default="ctal",
-                        help="what to benchmark: 'ctal' = the CTAL module alone, dense vs linear")
+    parser.add_argument("--module", choices=["model", "ctal"], default="model",
+                        help="'model': the resource table of whole models; 'ctal': CTAL alone, dense vs linear")
     parser.add_argument("--scale", type=parse_scale, default=Fraction(1, 4),
-                        help="distillation scale relative to the 288x384 NYUv2 input (1/4, 1/6, 1/8, ...)")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--channels", type=int, default=128)
-    parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up step")
+                        help="distillation scale: 1/4, 1/6, 1/8, ... (of the input size)")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="nyuv2")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help=f"models to profile (default: all of the backbone's): {', '.join(MODEL_NAMES)}, "
+                             f"and 'papnet x2' (two propagation iterations)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 8 for models, 2 for ctal)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"])
+    parser.add_argument("--ctal-impl", choices=["auto", "dense", "linear"], default="auto")
+    parser.add_argument("--train", action="store_true", help="also time a forward+backward training step")
+    parser.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--img-size", type=parse_size, help="override the dataset's input size, e.g. 64x96")
+    parser.add_argument("--val-images", type=int, help="override the size of the validation split")
+    parser.add_argument("--channels", type=int, default=128, help="(--module ctal) feature channels C")
+    parser.add_argument("--tasks", type=int, default=3, help="(--module ctal) number of tasks T")
     parser.add_argument("--fit-gb", type=float, default=0,
-                        help="also report the largest batch that fits in this many GB (at 1/4 and 1/2)")
+                        help="(--module ctal) also report the largest batch that fits in this many GB")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch sees no CUDA device")
-    return run_ctal_benchmark(args)
+    for name in args.models or []:
+        if name not in MODEL_NAMES and name != "papnet x2":
+            parser.error(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}, 'papnet x2'")
+    if args.module == "ctal":
+        args.batch = args.batch or 2
+        return run_ctal_benchmark(args)
+    args.batch = args.batch or 8
+    return run_model_table(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""profile.py: the resource table runs at a tiny size and prints every requested model with figures that
+agree with independent counts; FLOPs of CTAL's grouped conv (forward and backward) are counted right;
+the file does not break the standard library's cProfile that its name shadows."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import profile
+from ctal import CTAL
+from data import DATASET_TASKS
+from model import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_model_table_prints_every_requested_model(capsys):
+    models = ["mtl", "papnet x2", "ctal_ss"]
+    rows = profile.main(["--img-size", "64x96", "--batch", "1", "--iters", "1", "--val-images", "4",
+                         "--models", *models])
+    printed = capsys.readouterr().out
+    for name in models:
+        assert any(line.startswith(name + " ") for line in printed.splitlines()), name
+    assert list(rows) == models
+    stl = build_model("stl", DATASET_TASKS["nyuv2"], (64, 96))
+    mtl = build_model("mtl", DATASET_TASKS["nyuv2"], (64, 96))
+    n_stl, n_mtl = (sum(p.numel() for p in m.parameters()) for m in (stl, mtl))
+    assert rows["mtl"]["params"] == n_mtl
+    assert rows["mtl"]["rel_params"] == pytest.approx(n_mtl / n_stl)
+    for r in rows.values():  # the papers' convention: multiply-accumulates of a batch of 8
+        assert r["gmac_batch8"] == pytest.approx(r["flops_per_image"] * 4 / 1e9)
+        assert r["val_seconds"] == pytest.approx(r["seconds_per_batch"] * 4)
+    # two PAP iterations add one more propagation: more FLOPs, the same parameters
+    pap1 = profile.model_stats("papnet", "nyuv2", [64, 96], 0.25, "auto", 1, 1, "cpu", 1, False)
+    assert rows["papnet x2"]["params"] == pap1["params"]
+    assert rows["papnet x2"]["flops_per_image"] > pap1["flops_per_image"]
+
+
+def test_ctal_benchmark_runs_and_reports_ratios(capsys):
+    result = profile.main(["--module", "ctal", "--scale", "1/32", "--channels", "8", "--iters", "1"])
+    printed = capsys.readouterr().out
+    assert "dense / linear: time" in printed and "map 9x12" in printed
+    dense, linear = result["rows"]["dense"], result["rows"]["linear"]
+    T, C, hw, B = 3, 8, 9 * 12, 2
+    # forward+backward FLOPs by hand. Common: the projections, T 3x3 convs C -> C, forward + grad-input +
+    # grad-weight. Dense: A = f^T f, grouped conv and V G^T, each once forward and twice backward.
+    # Linear: the GEMMs K = V U^T and K Z forward, four of that size backward (+ small einsums).
+    proj = 3 * T * 2 * B * C * C * 9 * hw
+    dense_core = 3 * B * (2 * T * C * hw * hw + 2 * hw * hw * T * 9 + 2 * T * C * hw * hw)
+    assert dense["flops"] - proj == pytest.approx(dense_core, rel=1e-6)
+    assert linear["flops"] - proj == pytest.approx(6 * B * 2 * T * C * T * C * 9 * hw, rel=0.03)
+
+
+def test_grouped_conv_backward_flops_count_groups():
+    """torch's own formula counts a grouped conv's weight gradient as a dense conv's; ours does not."""
+    hw, T, k = 48, 3, 3
+    x = torch.randn(1, T * hw, 6, 8, requires_grad=True)
+    w = torch.randn(hw, T, k, k, requires_grad=True)
+    with profile.flop_counter() as counter:
+        torch.nn.functional.conv2d(x, w, padding=1, groups=hw).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    forward = 2 * hw * T * k * k * hw                          # 2 * outputs(hw maps of hw) * T*k*k MACs
+    assert counts[torch.ops.aten.convolution] == forward
+    assert counts[torch.ops.aten.convolution_backward] == 2 * forward
+
+
+def test_auto_matches_the_cheaper_flop_count():
+    # at 1/4 the linear form must need about half the dense FLOPs (the issue's "about 2x")
+    size, C, T = (72, 96), 128, 3
+    hw = size[0] * size[1]
+    dense = hw * hw * (4 * T * C + 2 * T * 9)
+    linear = 4 * T * T * 9 * C * C * hw
+    assert 1.8 < dense / linear < 2.3
+    assert CTAL(T, C, size).impl == "linear"
+
+
+def test_cprofile_still_works_beside_profile_py():
+    code = "import cProfile, pstats, io; p = cProfile.Profile(); p.runcall(sum, range(10)); print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        profile.main(["--models", "transformer"])
+    assert "unknown model 'transformer'; valid: stl, mtl" in capsys.readouterr().err
