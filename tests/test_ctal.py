@@ -27,7 +27,7 @@ def run_with_grads(module, feats, seed=1):
     module.zero_grad()
     outs = module(xs)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in outs)
     loss.backward()
     grads = {f"input{i}": x.grad for i, x in enumerate(xs)}
     grads.update({name: p.grad for name, p in module.named_parameters()})
@@ -36,6 +36,17 @@ def run_with_grads(module, feats, seed=1):
 
 def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def assert_runs_agree(run, reference, tol_out, tol_grad):
+    """Outputs and every gradient of `run` within a relative tolerance of `reference` (same dtypes)."""
+    (outs, grads), (ref_outs, ref_grads) = run, reference
+    for a, b in zip(outs, ref_outs):
+        assert rel_err(a.to(b.dtype), b) < tol_out
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        assert grads[name].dtype == ref_grads[name].dtype, name
+        assert rel_err(grads[name], ref_grads[name]) < tol_grad, name
 
 
 def reference_ctal(module, feats):
@@ -81,13 +92,9 @@ def test_linear_equals_dense_float64(fusion, k, T):
     C, size, B = 6, (5, 7), 2                       # non-square map, batch > 1
     dense, linear = make_pair(T, C, size, k=k, fusion=fusion)
     feats = [torch.randn(B, C, *size, dtype=torch.float64) for _ in range(T)]
-    out_d, grad_d = run_with_grads(dense, feats)
-    out_l, grad_l = run_with_grads(linear, feats)
-    for a, b in zip(out_l, out_d):
-        assert rel_err(a, b) < 1e-10
-    assert set(grad_d) == set(grad_l) and len(grad_d) == T + 2 + 2 * T   # inputs, fusion w/b, projections
-    for name in grad_d:
-        assert rel_err(grad_l[name], grad_d[name]) < 1e-10, name
+    ref = run_with_grads(dense, feats)
+    assert len(ref[1]) == T + 2 + 2 * T          # inputs, fusion weight and bias, T projections' w and b
+    assert_runs_agree(run_with_grads(linear, feats), ref, 1e-10, 1e-10)
 
 
 def test_linear_diffusion_gradcheck():
@@ -107,20 +114,13 @@ def test_linear_equals_dense_float32_and_bf16_autocast(fusion):
     T, C, size = 3, 16, (6, 8)
     dense, linear = make_pair(T, C, size, fusion=fusion, dtype=torch.float32)
     feats = [torch.randn(2, C, *size) for _ in range(T)]
-    out_d, grad_d = run_with_grads(dense, feats)
-    out_l, grad_l = run_with_grads(linear, feats)
-    for a, b in zip(out_l, out_d):
-        assert rel_err(a, b) < 1e-5
-    for name in grad_d:
-        assert rel_err(grad_l[name], grad_d[name]) < 1e-4, name
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_ld, grad_lb = run_with_grads(linear, feats)
-        out_db, grad_db = run_with_grads(dense, feats)
-    for a, b, ref in zip(out_ld, out_db, out_d):
-        assert rel_err(a.float(), ref) < 3e-2 and rel_err(b.float(), ref) < 3e-2
-    for name in grad_d:  # bf16 keeps ~3 significant digits; both must land near the fp32 gradient
-        assert grad_lb[name].dtype == grad_d[name].dtype
-        assert rel_err(grad_lb[name], grad_d[name]) < 6e-2, name
+    ref = run_with_grads(dense, feats)
+    assert_runs_agree(run_with_grads(linear, feats), ref, 1e-5, 1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 keeps ~3 significant digits: both
+        linear_bf16 = run_with_grads(linear, feats)     # implementations must land near fp32
+        dense_bf16 = run_with_grads(dense, feats)
+    assert_runs_agree(linear_bf16, ref, 3e-2, 6e-2)
+    assert_runs_agree(dense_bf16, ref, 3e-2, 6e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -130,12 +130,13 @@ def test_linear_equals_dense_cuda(fusion):
     dense, linear = make_pair(T, C, size, fusion=fusion)
     dense, linear = dense.cuda(), linear.cuda()
     feats = [torch.randn(2, C, *size, dtype=torch.float64, device="cuda") for _ in range(T)]
-    out_d, grad_d = run_with_grads(dense, feats)
-    out_l, grad_l = run_with_grads(linear, feats)
-    for a, b in zip(out_l, out_d):
-        assert rel_err(a, b) < 1e-10
-    for name in grad_d:
-        assert rel_err(grad_l[name], grad_d[name]) < 1e-10, name
+    assert_runs_agree(run_with_grads(linear, feats), run_with_grads(dense, feats), 1e-10, 1e-10)
+    feats = [f.float() for f in feats]
+    dense, linear = dense.float(), linear.float()
+    ref = run_with_grads(dense, feats)
+    assert_runs_agree(run_with_grads(linear, feats), ref, 1e-4, 1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert_runs_agree(run_with_grads(linear, feats), ref, 3e-2, 6e-2)
 
 
 def test_dict_in_dict_out():
