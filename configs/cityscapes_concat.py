@@ -1,0 +1,12 @@
+# Cityscapes (MTAN .npy, 128x256, 2975 train / 500 val, 19 classes), HRNet-18, SPEC section 7 recipe.
+dataset = 'cityscapes'
+data_root = 'data/cityscapes'
+model = 'concat'
+backbone = 'hrnet18'
+pretrained = None    # the papers start from ImageNet weights: --pretrained=PATH/TO/hrnet_w18_small_v2.pth
+epochs = 75
+batch_size = 8
+lr = 5e-4
+weight_decay = 1e-4
+scheduler = 'cosine'
+num_workers = 4

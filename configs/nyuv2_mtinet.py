@@ -1,0 +1,12 @@
+# NYUv2 (MTAN .npy, 288x384, 795 train / 654 val), HRNet-18, SPEC section 7 recipe.
+dataset = 'nyuv2'
+data_root = 'data/nyuv2'
+model = 'mtinet'
+backbone = 'hrnet18'
+pretrained = None    # the papers start from ImageNet weights: --pretrained=PATH/TO/hrnet_w18_small_v2.pth
+epochs = 200
+batch_size = 8
+lr = 1e-4
+weight_decay = 1e-4
+scheduler = 'cosine'
+num_workers = 4

@@ -1,0 +1,20 @@
+# The embedded default: procedurally rendered rooms (data.make_synthetic, generated into data_root if
+# absent), trained from scratch and evaluated on a 2-core CPU in a few minutes. stl / mtl / ctal_ss
+# share this recipe, so their results compare side by side (delta_m against the STL run's results).
+dataset = 'synthetic'
+data_root = 'data/synthetic'
+n_train = 320
+n_val = 100
+synthetic_size = (96, 128)
+model = 'mtl'
+scale = 1 / 8            # ctal_ss: CTAL at 12 x 16, final heads at 1/4 (24 x 32): CPU-sized
+ctal_impl = 'linear'     # same numbers as dense; on a busy CPU the dense grouped conv can stall for minutes
+epochs = 5
+batch_size = 8
+lr = 1e-3                # from scratch (no ImageNet weights): higher than the papers' 1e-4
+weight_decay = 1e-4
+scheduler = 'cosine'
+eval_interval = 1
+log_interval = 10
+num_workers = 0
+stl_results = 'out/synthetic_stl/results.json'    # delta_m reference, once configs/synthetic_stl.py has run

@@ -1,0 +1,420 @@
+"""train.py: config parsing and rejection, the recipe of every config, loss with deep supervision,
+schedulers, training reduces the loss, exact resume after Ctrl-C, NaN stop, atomic checkpoints, clean
+errors for missing data / weights, outputs, and a 2-process torchrun (gloo) run whose first-step
+gradients equal the 1-process run on the same global batch.
+
+Everything runs on CPU on tiny synthetic / NYUv2-format fixtures written into tmp folders."""
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from data import DATASET_TASKS
+from metrics import TASK_METRIC, delta_m
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = (32, 64)     # smallest input the backbones take (multiples of 32)
+
+
+@pytest.fixture(scope='module')
+def synthetic_root(tmp_path_factory):
+    """8 train / 4 val synthetic scenes of 32x64, generated once for the module."""
+    root = str(tmp_path_factory.mktemp('synthetic'))
+    os.rmdir(root)                                   # make_synthetic wants an empty or absent folder
+    from data import make_synthetic
+    return make_synthetic(root, 8, 4, SIZE, seed=0)
+
+
+def tiny_args(root, out, *extra):
+    return [f'--data_root={root}', f'--out_dir={out}', '--n_train=8', '--n_val=4',
+            f'--synthetic_size={SIZE}', '--batch_size=2', '--vis_images=2', '--log_interval=1',
+            '--lr=1e-3', '--ctal_impl=linear', *extra]
+
+
+def read_log(out_dir, kind='train'):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [r for r in map(json.loads, f) if r['type'] == kind]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def test_overrides_are_parsed_against_the_defaults_types(tmp_path):
+    config = tmp_path / 'c.py'
+    config.write_text("model = 'mtl'\nepochs = 7\nlr = 3e-4\n")
+    cfg = train.parse_config([str(config), '--epochs=9', '--bf16=False', '--augment=0', '--sync_bn=true',
+                              '--scale=1/6', '--stl_results=out/stl/results.json', '--tasks=depth,semseg',
+                              '--loss_weights={"semseg": 2, "depth": 0.5}', '--synthetic_size=64x96'])
+    assert cfg['model'] == 'mtl' and cfg['lr'] == 3e-4            # from the file
+    assert cfg['epochs'] == 9                                      # override applied after the file
+    assert cfg['bf16'] is False and cfg['augment'] is False and cfg['sync_bn'] is True   # "False" is False
+    assert cfg['scale'] == pytest.approx(1 / 6)
+    assert cfg['stl_results'] == 'out/stl/results.json'            # None default: not a literal -> string
+    assert cfg['tasks'] == ['semseg', 'depth']                     # canonical order
+    assert cfg['loss_weights'] == {'semseg': 2.0, 'depth': 0.5}
+    assert cfg['synthetic_size'] == [64, 96]
+    assert cfg['data_root'] == os.path.join('data', 'synthetic')
+    assert cfg['out_dir'] == os.path.join('out', 'synthetic_mtl')
+    default = train.parse_config([])
+    assert default['loss_weights'] == {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}
+    assert default['tasks'] == list(DATASET_TASKS['synthetic'])
+    assert train.parse_config(['--pretrained=None'])['pretrained'] is None
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--lrr=1'], "unknown key 'lrr'"),
+    (['--bf16=maybe'], 'expected a boolean'),
+    (['--epochs=ten'], 'expected an integer'),
+    (['--epochs=-1'], 'epochs=-1: must be >= 1'),
+    (['--lr=0'], 'lr=0.0: must be > 0'),
+    (['--model=ctl'], "model='ctl': expected one of stl, mtl"),
+    (['--dataset=kitti'], "dataset='kitti': expected one of"),
+    (['--scheduler=step'], "scheduler='step': expected one of cosine, cosine_restarts, none"),
+    (['--ctal_impl=fast'], "ctal_impl='fast'"),
+    (['--device=tpu'], "device='tpu'"),
+    (['--tasks=semseg,edge'], "tasks='semseg,edge'"),
+    (['--loss_weights={"semseg": 1}'], 'loss_weights='),
+    (['--batch_size=0'], 'batch_size=0: must be >= 1'),
+    (['--epochs'], 'overrides look like --key=value'),
+    (['configs/nope.py'], "config file 'configs/nope.py' not found"),
+])
+def test_bad_keys_and_values_are_rejected_with_clear_messages(args, message, capsys):
+    with pytest.raises(train.ConfigError, match=None) as e:
+        train.parse_config(args)
+    assert message in str(e.value)
+    assert train.main(args) == 1                        # the command line prints it, no traceback
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+
+
+def test_unknown_key_lists_the_valid_keys_also_from_a_config_file(tmp_path):
+    config = tmp_path / 'c.py'
+    config.write_text("epoch = 3\n")
+    with pytest.raises(train.ConfigError) as e:
+        train.parse_config([str(config)])
+    assert "unknown key 'epoch'" in str(e.value) and str(config) in str(e.value)
+    assert all(k in str(e.value) for k in train.DEFAULTS)
+    config.write_text("epochs = '3'\n")                # a config file's value must have the default's type
+    with pytest.raises(train.ConfigError, match="epochs='3': expected an integer"):
+        train.parse_config([str(config)])
+
+
+def test_every_config_follows_the_recipe():
+    """SPEC section 7: every (dataset, model) of the papers, with its lr / wd / epochs / schedule / clip."""
+    expected = {f'nyuv2_{m}' for m in train.MODEL_NAMES} | {f'cityscapes_{m}' for m in train.MODEL_NAMES} | \
+        {f'pascal_{m}' for m in ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss')} | \
+        {'synthetic_stl', 'synthetic_mtl', 'synthetic_ctal_ss'}
+    found = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))}
+    assert expected <= found
+    recipe = {'nyuv2': (1e-4, 1e-4, 200, 0.0, 'hrnet18'), 'cityscapes': (5e-4, 1e-4, 75, 0.0, 'hrnet18'),
+              'pascal': (2e-5, 1e-5, 70, 10.0, 'swinv2_s')}
+    for name in sorted(found):
+        cfg = train.parse_config([os.path.join(ROOT, 'configs', name + '.py')])
+        dataset, model = name.split('_', 1)
+        assert (cfg['dataset'], cfg['model']) == (dataset, model), name
+        if dataset == 'synthetic':
+            continue
+        assert (cfg['lr'], cfg['weight_decay'], cfg['epochs'], cfg['grad_clip'], cfg['backbone']) == \
+            recipe[dataset], name
+        assert cfg['batch_size'] == 8 and cfg['gamma'] == 0.05 and cfg['pretrained'] is None, name
+        ms = dataset == 'cityscapes' and model in ('mtinet', 'ctal_ms')
+        assert cfg['scheduler'] == ('cosine_restarts' if ms else 'cosine'), name
+        assert cfg['restart_period'] is None and cfg['restart_mult'] == 2, name
+
+
+def test_schedulers_match_the_formulas():
+    """Per-epoch cosine: lr_e = lr (1 + cos(pi e / E)) / 2. Warm restarts with T_0 = E // 3 = 25 and
+    T_mult = 2: periods [0, 25) and [25, 75), lr back to the base at epoch 25."""
+    def lrs(**kw):
+        cfg = train.parse_config([f'--{k}={v}' for k, v in kw.items()])
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg['lr'])
+        sched = train.make_scheduler(opt, cfg)
+        out = []
+        for _ in range(cfg['epochs']):
+            out.append(opt.param_groups[0]['lr'])
+            opt.step()
+            sched.step()
+        return out
+
+    cos = lrs(epochs=10, lr=0.1)
+    assert cos == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 10)) / 2 for e in range(10)])
+    warm = lrs(epochs=75, lr=0.5, scheduler='cosine_restarts')
+    hand = [0.5 * (1 + math.cos(math.pi * e / 25)) / 2 for e in range(25)] + \
+           [0.5 * (1 + math.cos(math.pi * (e - 25) / 50)) / 2 for e in range(25, 75)]
+    assert warm == pytest.approx(hand)
+    assert lrs(epochs=4, lr=0.2, scheduler='none') == pytest.approx([0.2] * 4)
+
+
+def test_loss_is_initial_plus_final_with_multiscale_mean():
+    torch.manual_seed(0)
+    B, H, W = 2, 8, 8
+    batch = {'semseg': torch.randint(0, 13, (B, H, W)), 'depth': torch.rand(B, 1, H, W) + 0.1}
+    pred = {'semseg': torch.randn(B, 13, H, W), 'depth': torch.randn(B, 1, H, W)}
+    scales = {t: [torch.randn_like(p) for _ in range(4)] for t, p in pred.items()}
+    single = {t: torch.randn_like(p) for t, p in pred.items()}
+    tasks = ['semseg', 'depth']
+    ce = lambda p, t: torch.nn.functional.cross_entropy(p, t)                 # noqa: E731 (no ignore here)
+    l1 = lambda p, t: (p - t).abs().mean()                                    # noqa: E731 (all valid)
+    ref = {'semseg': ce, 'depth': l1}
+    none = train.compute_losses(dict(pred, initial={}), batch, tasks)         # stl / mtl
+    ss = train.compute_losses(dict(pred, initial=single), batch, tasks)       # single-scale distillation
+    ms = train.compute_losses(dict(pred, initial=scales), batch, tasks)       # mtinet / ctal_ms
+    for t in tasks:
+        final = ref[t](pred[t], batch[t])
+        assert none[t].item() == pytest.approx(final.item(), rel=1e-5)
+        assert ss[t].item() == pytest.approx((final + ref[t](single[t], batch[t])).item(), rel=1e-5)
+        mean_scales = sum(ref[t](p, batch[t]) for p in scales[t]) / 4
+        assert ms[t].item() == pytest.approx((final + mean_scales).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def overfit_losses(synthetic_root, out, model, *extra, steps=6):
+    """`steps` Adam steps on the whole 8-image training set (one batch = one epoch); the step losses."""
+    assert train.main(tiny_args(synthetic_root, out, f'--model={model}', '--batch_size=8', f'--epochs={steps}',
+                                '--scheduler=none', '--augment=False', f'--eval_interval={steps}',
+                                '--vis_images=0', *extra)) == 0
+    return [r['loss'] for r in read_log(out)]
+
+
+def test_ctal_ss_training_reduces_the_loss_and_writes_its_outputs(synthetic_root, tmp_path):
+    """A few epochs of ctal_ss: the loss goes down; config / log / results / PNG / checkpoint are written,
+    and delta_m is computed against an STL results file."""
+    stl = {'config': {'dataset': 'synthetic'},
+           'final': {'metrics': {'semseg': {'mIoU': 5.0}, 'depth': {'rel_err': 0.5}, 'normals': {'mean': 40.0}}}}
+    (tmp_path / 'stl.json').write_text(json.dumps(stl))
+    out = str(tmp_path / 'run')
+    assert train.main(tiny_args(synthetic_root, out, '--epochs=4', '--max_iters=2', '--batch_size=4',
+                                '--eval_interval=2', f'--stl_results={tmp_path / "stl.json"}')) == 0
+    losses = [r['loss'] for r in read_log(out)]
+    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0]
+    for r in read_log(out):
+        assert set(r['losses']) == {'semseg', 'depth', 'normals'} and r['img_per_s'] > 0 and r['eta_s'] >= 0
+    evals = read_log(out, 'eval')
+    assert [e['epoch'] for e in evals] == [2, 4]
+    with open(os.path.join(out, 'config.json')) as f:
+        assert json.load(f) == train.parse_config(tiny_args(synthetic_root, out, '--epochs=4', '--max_iters=2',
+                                                            '--batch_size=4', '--eval_interval=2',
+                                                            f'--stl_results={tmp_path / "stl.json"}'))
+    with open(os.path.join(out, 'results.json')) as f:
+        res = json.load(f)
+    final = res['final']['metrics']
+    ref = {'semseg': 5.0, 'depth': 0.5, 'normals': 40.0}
+    assert res['final']['delta_m'] == pytest.approx(
+        delta_m({t: final[t][TASK_METRIC[t][0]] for t in ref}, ref))
+    assert res['final']['epoch'] == 4 and res['seed'] == 0 and res['versions']['torch'] == torch.__version__
+    assert res['best']['epoch'] in (2, 4)
+    png = Image.open(os.path.join(out, 'vis_epoch004.png'))
+    tile = 128 // SIZE[0] * SIZE[0], 128 // SIZE[0] * SIZE[1]            # upscaled tiles (h, w)
+    assert png.size == (7 * (tile[1] + 2) - 2, 14 + 2 * (tile[0] + 2) - 2)   # input + 3 x (GT, pred); 2 rows
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert ckpt['progress']['epoch'] == 4 and set(ckpt['rng']) >= {'torch', 'numpy', 'python'}
+    assert not os.path.exists(os.path.join(out, 'ckpt.pt.tmp'))
+
+
+@pytest.mark.parametrize('model', train.MODEL_NAMES)
+def test_each_model_reduces_the_loss(model, synthetic_root, tmp_path):
+    losses = overfit_losses(synthetic_root, str(tmp_path / model), model)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('model', ('mtl', 'ctal_ss'))
+def test_transformer_backbone_reduces_the_loss(model, synthetic_root, tmp_path):
+    """Swin-V2-S (random init) on the same tiny set: CTAL at the 1/32 grid (1 x 2 here)."""
+    losses = overfit_losses(synthetic_root, str(tmp_path / model), model, '--backbone=swinv2_s', '--lr=1e-4')
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_resume_after_ctrl_c_repeats_the_uninterrupted_losses_exactly(synthetic_root, tmp_path, monkeypatch):
+    args = ['--model=ctal_ss', '--epochs=2', '--max_iters=3', '--eval_interval=1', '--vis_images=0']
+    whole = str(tmp_path / 'whole')
+    assert train.main(tiny_args(synthetic_root, whole, *args)) == 0
+
+    calls = {'n': 0}
+    compute = train.compute_losses
+
+    def ctrl_c_in_step_4(*a):             # 0-based global step 4 = epoch 2, step 1: mid-epoch
+        calls['n'] += 1
+        if calls['n'] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return compute(*a)
+
+    parts = str(tmp_path / 'parts')
+    monkeypatch.setattr(train, 'compute_losses', ctrl_c_in_step_4)
+    assert train.main(tiny_args(synthetic_root, parts, *args)) == 130
+    ckpt = torch.load(os.path.join(parts, 'ckpt.pt'), weights_only=False)
+    assert (ckpt['progress']['epoch'], ckpt['progress']['batches_done']) == (1, 2)   # step 4 completes, then it stops
+    monkeypatch.setattr(train, 'compute_losses', compute)
+    assert train.main(tiny_args(synthetic_root, parts, *args, '--resume=True')) == 0
+
+    key = lambda r: (r['step'], r['loss'], r['losses'])                      # noqa: E731
+    assert [key(r) for r in read_log(parts)] == [key(r) for r in read_log(whole)]   # exact equality
+    metrics = lambda out: json.dumps([e['metrics'] for e in read_log(out, 'eval')])   # noqa: E731 (NaN == NaN)
+    assert metrics(parts) == metrics(whole)
+    # the same run cannot be started twice into one out_dir by accident
+    assert train.main(tiny_args(synthetic_root, parts, *args)) == 1
+
+
+def test_nan_loss_stops_naming_the_task_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path,
+                                                                          monkeypatch, capsys):
+    compute = train.compute_losses
+    calls = {'n': 0}
+
+    def nan_depth_in_epoch_2(*a):
+        calls['n'] += 1
+        losses = compute(*a)
+        if calls['n'] == 3:
+            losses['depth'] = losses['depth'] * float('nan')
+        return losses
+
+    monkeypatch.setattr(train, 'compute_losses', nan_depth_in_epoch_2)
+    out = str(tmp_path / 'nan')
+    assert train.main(tiny_args(synthetic_root, out, '--model=mtl', '--epochs=3', '--max_iters=2',
+                                '--vis_images=0')) == 1
+    err = capsys.readouterr().err
+    assert 'depth loss is nan' in err and 'last good checkpoint' in err and 'Traceback' not in err
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert (ckpt['progress']['epoch'], ckpt['progress']['batches_done'], ckpt['progress']['step']) == (1, 0, 2)
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    assert read_log(out, 'error')[0]['step'] == 2
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pt')
+    train.save_checkpoint(path, {'epoch': 1})
+    real_save = torch.save
+
+    def crash_mid_write(obj, f):
+        with open(f, 'wb') as fh:
+            fh.write(b'half a checkpoint')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', crash_mid_write)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {'epoch': 2})
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert torch.load(path) == {'epoch': 1}
+    assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_missing_dataset_or_weights_give_the_loaders_message(synthetic_root, tmp_path, capsys):
+    assert train.main(['--dataset=nyuv2', f'--data_root={tmp_path / "nowhere"}',
+                       f'--out_dir={tmp_path / "a"}']) == 1
+    err = capsys.readouterr().err
+    assert 'Expected layout' in err and 'train/  image/0.npy' in err and 'mtan' in err
+    assert 'Traceback' not in err
+    assert train.main(tiny_args(synthetic_root, tmp_path / 'b', f'--pretrained={tmp_path / "w.pth"}')) == 1
+    err = capsys.readouterr().err
+    assert 'no file at' in err and 'Traceback' not in err
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+def write_nyuv2_fixture(root, n, size, seed=0):
+    """NYUv2-format files with every pixel valid, so the per-rank loss means average to the global one."""
+    rng = np.random.default_rng(seed)
+    H, W = size
+    for split in ('train', 'val'):
+        for folder in ('image', 'label', 'depth', 'normal'):
+            os.makedirs(os.path.join(root, split, folder))
+        for i in range(n):
+            normal = rng.normal(size=(H, W, 3))
+            normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+            arrays = {'image': rng.random((H, W, 3)), 'label': rng.integers(0, 13, (H, W)).astype(float),
+                      'depth': rng.uniform(0.5, 5.0, (H, W, 1)), 'normal': normal}
+            for folder, a in arrays.items():
+                np.save(os.path.join(root, split, folder, f'{i}.npy'), a.astype(np.float32))
+
+
+def flat_grads(path):
+    grads = torch.load(path)
+    return torch.cat([grads[name].flatten() for name in sorted(grads)])
+
+
+def test_torchrun_two_processes_give_the_one_process_gradients(tmp_path, monkeypatch):
+    """Global batch 4: 2 gloo processes x 2 images vs 1 process x 4 images, first-step gradients.
+    Float32 gradients of an untrained HRNet are sensitive: perturbing the input by 1e-7 (relative, the
+    float32 rounding) moves them by ~2 %. So 'equal' means: no further from the 1-process gradients than
+    that perturbation moves them, while without synchronised BatchNorm they are O(1) away."""
+    root = str(tmp_path / 'nyu')
+    write_nyuv2_fixture(root, 4, SIZE)
+    args = [f'--data_root={root}', '--dataset=nyuv2', '--model=ctal_ss', '--ctal_impl=linear', '--epochs=1',
+            '--max_iters=1', '--batch_size=4', '--vis_images=1', '--device=cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+
+    def torchrun(name, *extra):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               os.path.join(ROOT, 'train.py'), *args, f'--out_dir={tmp_path / name}',
+               f'--dump_grads={tmp_path / name}.pt', *extra]
+        run = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert '2 process(es)' in run.stdout
+        assert not [line for line in run.stderr.splitlines() if 'Warning' in line]
+        return read_log(tmp_path / name)[0]['loss']
+
+    loss_two = torchrun('two')
+    loss_unsynced = torchrun('unsynced', '--sync_bn=False')
+    with open(tmp_path / 'two' / 'results.json') as f:
+        assert json.load(f)['versions']['world_size'] == 2
+    assert os.path.exists(tmp_path / 'two' / 'vis_epoch001.png')
+
+    assert train.main(args + [f'--out_dir={tmp_path / "one"}', f'--dump_grads={tmp_path / "one.pt"}']) == 0
+    to_device = train.to_device
+
+    def perturbed(batch, device):
+        batch = to_device(batch, device)
+        noise = torch.randn(batch['image'].shape, generator=torch.Generator().manual_seed(1))
+        return dict(batch, image=batch['image'] * (1 + 1e-7 * noise))
+
+    monkeypatch.setattr(train, 'to_device', perturbed)
+    assert train.main(args + [f'--out_dir={tmp_path / "pert"}', f'--dump_grads={tmp_path / "pert.pt"}']) == 0
+
+    loss_one = read_log(tmp_path / 'one')[0]['loss']
+    assert loss_two == pytest.approx(loss_one, rel=1e-5) and loss_unsynced != pytest.approx(loss_one, rel=1e-3)
+    one = flat_grads(tmp_path / 'one.pt')
+    distance = lambda path: float((flat_grads(path) - one).norm() / one.norm())      # noqa: E731
+    rounding = distance(tmp_path / 'pert.pt')
+    assert 0 < rounding < 0.1
+    assert distance(tmp_path / 'two.pt') < 3 * rounding
+    assert distance(tmp_path / 'unsynced.pt') > 10 * rounding
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(synthetic_root, tmp_path):
+    """Augmentation is seeded per (seed, epoch, index): worker processes load the very same batches."""
+    args = ['--model=mtl', '--epochs=1', '--max_iters=2', '--vis_images=0']
+    assert train.main(tiny_args(synthetic_root, tmp_path / 'w0', *args, '--num_workers=0')) == 0
+    assert train.main(tiny_args(synthetic_root, tmp_path / 'w2', *args, '--num_workers=2')) == 0
+    assert [r['losses'] for r in read_log(tmp_path / 'w0')] == [r['losses'] for r in read_log(tmp_path / 'w2')]
+
+
+def test_pascal_five_tasks_with_swin(tmp_path):
+    """PASCAL-Context fixture (test_data's writer) padded to 64x64: all five tasks train and evaluate, and
+    delta_m is taken against the papers' PASCAL Swin-V2-S STL numbers."""
+    from test_data import write_pascal_sample
+    root = str(tmp_path / 'PASCAL_MT')
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_pascal_sample(root, f'2008_00000{i}', (40, 48), rng, person=i % 2 == 0)
+    for i in range(2):
+        write_pascal_sample(root, f'2009_00000{i}', (48, 40), rng, split='val')
+    out = tmp_path / 'out'
+    assert train.main([os.path.join(ROOT, 'configs', 'pascal_ctal_ss.py'), f'--data_root={root}', f'--out_dir={out}',
+                       '--img_size=(64, 64)', '--epochs=2', '--batch_size=2', '--num_workers=0', '--vis_images=2',
+                       '--log_interval=1']) == 0
+    with open(out / 'results.json') as f:
+        res = json.load(f)
+    tasks = ('semseg', 'human_parts', 'saliency', 'normals', 'edge')
+    assert tuple(res['final']['metrics']) == tasks
+    assert 0 <= res['final']['metrics']['saliency']['maxF'] <= 100 and res['final']['metrics']['edge']['loss'] > 0
+    assert res['reference']['values'] == {t: train.STL_REFERENCE[('pascal', 'swinv2_s')][t] for t in tasks}
+    assert math.isfinite(res['final']['delta_m'])
+    assert Image.open(out / 'vis_epoch002.png').size == (11 * 130 - 2, 14 + 2 * 130 - 2)   # input + 5 x (GT, pred)
