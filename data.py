@@ -1124,7 +1124,8 @@ def build_dataset(dataset, root, split, tasks=None, augment=False, **kw):
     return Synthetic(root, split, tasks, augment, **kw)
 
 
-def _parse_size(text):
+def parse_size(text):
+    """'96x128' -> (96, 128), for command-line options."""
     try:
         h, w = (int(v) for v in text.lower().split('x'))
         return h, w
@@ -1139,7 +1140,7 @@ def main(argv=None):
     p.add_argument('out_dir')
     p.add_argument('--n-train', type=int, default=800)
     p.add_argument('--n-val', type=int, default=200)
-    p.add_argument('--size', type=_parse_size, default=(96, 128), help='HxW')
+    p.add_argument('--size', type=parse_size, default=(96, 128), help='HxW')
     p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('check', help='read (and validate) every sample of a split; print samples/s')
     p.add_argument('dataset', choices=tuple(DATASET_TASKS))

@@ -158,7 +158,7 @@ def isolated(function, **kwargs):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(function, device, **kwargs):
+def run_measurement(function, device, **kwargs):
     """Measure in a subprocess on CPU (memory isolation), in this process on CUDA (one context)."""
     if device == "cpu":
         return isolated(function, device=device, **kwargs)
@@ -231,9 +231,9 @@ def run_model_table(args):
             stl = build_model("stl", DATASET_TASKS[args.dataset], tuple(img_size), backbone=backbone)
             stl_params = sum(p.numel() for p in stl.parameters())
             continue
-        r = run("model_stats", args.device, train=False, **common)
+        r = run_measurement("model_stats", args.device, train=False, **common)
         if args.train:
-            t = run("model_stats", args.device, train=True, **common)
+            t = run_measurement("model_stats", args.device, train=True, **common)
             r.update(train_seconds=t["seconds_per_batch"], train_peak_bytes=t["peak_bytes"])
         if row == "stl":
             stl_params = r["params"]
@@ -308,8 +308,8 @@ def run_ctal_benchmark(args):
     print(f"CTAL forward+backward on {device}: input {NYUV2_SIZE[0]}x{NYUV2_SIZE[1]}, scale "
           f"{args.scale} -> map {size[0]}x{size[1]} (HW = {size[0] * size[1]}), C={C}, T={T}, "
           f"batch {args.batch}; auto picks {choose_impl(T, C, size)!r}")
-    rows = {impl: run("ctal_step_stats", device, impl=impl, size=list(size), batch=args.batch,
-                      channels=C, tasks=T, iters=args.iters)
+    rows = {impl: run_measurement("ctal_step_stats", device, impl=impl, size=list(size), batch=args.batch,
+                                  channels=C, tasks=T, iters=args.iters)
             for impl in ("dense", "linear")}
     print(f"{'impl':8s} {'time/step':>10s} {'GFLOP/step':>11s} {'peak MB':>9s}")
     for impl, r in rows.items():
@@ -343,8 +343,8 @@ def report_largest_batches(args):
             if bound * 2 > 0.8 * available_bytes(device):
                 per_image, batch, how = bound, int(fit // bound), "bound"
             else:
-                one, two = (run("ctal_step_stats", device, impl=impl, size=list(size), batch=b, channels=C,
-                                tasks=T, iters=1) for b in (1, 2))
+                one, two = (run_measurement("ctal_step_stats", device, impl=impl, size=list(size), batch=b,
+                                            channels=C, tasks=T, iters=1) for b in (1, 2))
                 per_image = max(two["peak_bytes"] - one["peak_bytes"], 1)
                 base = one["peak_bytes"] - per_image
                 batch, how = max(0, int((fit - base) // per_image)), "measured"
@@ -364,15 +364,8 @@ def available_bytes(device):
 
 # ------------------------------------------------------------------------------------------- main
 
-def parse_size(text):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sizes look like 288x384, got {text!r}")
-    return h, w
-
-
 def main(argv=None):
+    from data import parse_size
     from model import MODEL_NAMES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--module", choices=["model", "ctal"], default="model",

@@ -77,6 +77,7 @@ def test_auto_matches_the_cheaper_flop_count():
 
 
 def test_cprofile_still_works_beside_profile_py():
+    assert profile.run.__module__ == profile.Profile.__module__ == "_stdlib_profile"
     code = "import cProfile, pstats, io; p = cProfile.Profile(); p.runcall(sum, range(10)); print('ok')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
