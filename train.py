@@ -518,7 +518,7 @@ def load_reference(cfg):
 def gain(metrics, reference):
     if reference is None:
         return None
-    return delta_m({t: metrics[t][TASK_METRIC[t][0]] for t in reference}, reference)
+    return delta_m({t: metrics[t] for t in reference}, reference)   # reads TASK_METRIC's key itself
 
 
 def format_metrics(metrics, reference=None):
