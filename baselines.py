@@ -108,19 +108,32 @@ class PADDistillation(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # PAP-Net (Zhang et al. 2019): cross-task affinity propagation
 
-def pap_affinity(x, eps=1e-6):
-    """PAP-Net's pixel affinity of one task's features x (B, C, h, w) -> A (B, HW, HW), rows sum to 1.
+PAP_AFFINITIES = ('code', 'paper')
 
-    A[p, q] = max(0, <x̂(p), x̂(q)>) / sum_q' max(0, <x̂(p), x̂(q')>),  x̂(p) = x[:, p] / ||x[:, p]||.
-    The L2 normalisation is per position over channels (cosine similarity), negative similarities are
-    clamped to 0 and each row (query p) is normalised over all positions q, as in the PAP-Net paper.
-    DIFFERENCE from the authors' code (CTAL/EMA-Net repository): it L2-normalises each channel over
-    positions and divides by column sums; we follow the paper (SPEC section 4).
-    The diagonal is 1 (the self-similarity), so a row sum is >= 1 unless x(p) = 0; eps guards that case.
+
+def pap_affinity(x, variant='code', eps=1e-6):
+    """PAP-Net's pixel affinity of one task's features x (B, C, h, w) -> A (B, HW, HW).
+
+    'code' (default), as the CTAL authors implemented PAP-Net (EMA-Net repository, models/papnet.py), which
+    produced the PAP-Net rows of their tables: each channel is L2-normalised over the HW positions,
+    A0 = X^T X, and every column q is divided by its sum over p, negatives kept:
+        A[p, q] = <x~(p), x~(q)> / sum_p' <x~(p'), x~(q)>,   x~[c, :] = x[c, :] / ||x[c, :]||.
+    'paper', the PAP-Net paper's text (Zhang et al. 2019, Sec. 3.2): cosine similarity per position,
+    negatives clamped to 0, each row (query p) normalised over q; the diagonal is 1, so a row sums to
+    >= 1 unless x(p) = 0, which eps guards:
+        A[p, q] = max(0, <x^(p), x^(q)>) / sum_q' max(0, <x^(p), x^(q')>),   x^(p) = x[:, p] / ||x[:, p]||.
+    The 'code' column sums are not guarded (as in the authors' code), so they can be near zero.
     """
-    f = F.normalize(x.flatten(2), dim=1)                              # (B, C, HW)
-    a = (f.transpose(1, 2) @ f).clamp_min(0)                          # (B, HW, HW)
-    return a / a.sum(2, keepdim=True).clamp_min(eps)
+    if variant == 'code':
+        f = F.normalize(x.flatten(2), dim=2)                          # (B, C, HW), unit rows per channel
+        a = f.transpose(1, 2) @ f                                     # (B, HW, HW)
+        return a / a.sum(1, keepdim=True)
+    if variant == 'paper':
+        f = F.normalize(x.flatten(2), dim=1)                          # (B, C, HW), unit columns per position
+        a = (f.transpose(1, 2) @ f).clamp_min(0)                      # (B, HW, HW)
+        return a / a.sum(2, keepdim=True).clamp_min(eps)
+    raise ValueError(f"pap_affinity={variant!r}: expected one of {PAP_AFFINITIES} ('code': the CTAL authors' "
+                     f"PAP-Net, 'paper': the PAP-Net paper's row-normalised cosine)")
 
 
 class PAPPropagation(nn.Module):
@@ -131,22 +144,23 @@ class PAPPropagation(nn.Module):
         A^t = sum_s softmax(w_t)_s A_s                  (w_t: T learnable logits, init 0 -> uniform)
         Y^0 = X_t,   Y^{k+1} = beta A^t Y^k + (1 - beta) X_t   for k < iters    (Y viewed as (C, HW))
 
+    `affinity` picks how A_s is normalised ('code' | 'paper', see `pap_affinity`).
     beta = 0.05 (PAP-Net's value, fixed), iters = `pap_iters` (default 1, the papers' resource table;
     two iterations cost about 147 G more MACs per batch of 8 at NYUv2 1/4). The affinities are taken
     of X_s (128 channels), which reproduces the authors' FLOP count (372 G). Memory: T + 1 dense
     HW x HW matrices per image (~0.8 GB at NYUv2 1/4 in float32).
     """
 
-    def __init__(self, tasks, in_channels=256, channels=128, beta=0.05, iters=1):
+    def __init__(self, tasks, in_channels=256, channels=128, beta=0.05, iters=1, affinity='code'):
         super().__init__()
         self.tasks = list(tasks)
-        self.beta, self.iters = float(beta), int(iters)
+        self.beta, self.iters, self.affinity = float(beta), int(iters), affinity
         self.reduce = nn.ModuleDict({t: nn.Conv2d(in_channels, channels, 1) for t in self.tasks})
         self.task_weights = nn.Parameter(torch.zeros(len(self.tasks), len(self.tasks)))  # w_t[s], row t
 
     def forward(self, feats):
         xs = {t: self.reduce[t](feats[t]) for t in self.tasks}          # (B, 128, h, w)
-        aff = torch.stack([pap_affinity(xs[s]) for s in self.tasks], 1)  # (B, T, HW, HW)
+        aff = torch.stack([pap_affinity(xs[s], self.affinity) for s in self.tasks], 1)  # (B, T, HW, HW)
         mix = self.task_weights.softmax(1)                              # (T target, T source)
         out = {}
         for i, t in enumerate(self.tasks):
@@ -174,16 +188,25 @@ class SEBlock(nn.Module):
         return x * self.mlp(x.mean((2, 3)))[:, :, None, None]
 
 
-def task_softmax(logits, num_tasks):
-    """Softmax over the TASK axis of a (B, T*C, h, w) map whose channel t*C + c belongs to task t.
+FPM_SOFTMAXES = ('code', 'paper')
 
-    MTI-Net Sec. 2.4: "The output is split into N chunks along the channel dimension [...]. We then apply
-    a softmax function along the task dimension". DIFFERENCE from the official MTI-Net code, which views
-    the map as (B, C, T, h, w) and so normalises over T consecutive channels of one task chunk instead of
-    over tasks: we follow the paper (SPEC section 4).
+
+def fpm_softmax(logits, num_tasks, variant='code'):
+    """The FPM's attention mask from a (B, T*C, h, w) map whose channel t*C + c belongs to task t.
+
+    'code' (default), as the MTI-Net authors' code (and the CTAL authors' copy of it, which produced the
+    MTI-Net and CTAL-MS rows of their tables): the map is viewed as (B, C, T, h, w), so the softmax runs
+    over groups of T CONSECUTIVE channels (channel j*T + i, i < T), which mostly lie in one task's chunk.
+    'paper', MTI-Net paper Sec. 2.4 ("a softmax function along the task dimension"): the softmax runs
+    over the T tasks' copies of one channel (channels t*C + c, t < T).
     """
     B, TC, h, w = logits.shape
-    return logits.view(B, num_tasks, TC // num_tasks, h, w).softmax(1).view(B, TC, h, w)
+    if variant == 'code':
+        return logits.view(B, TC // num_tasks, num_tasks, h, w).softmax(2).view(B, TC, h, w)
+    if variant == 'paper':
+        return logits.view(B, num_tasks, TC // num_tasks, h, w).softmax(1).view(B, TC, h, w)
+    raise ValueError(f"fpm_softmax={variant!r}: expected one of {FPM_SOFTMAXES} ('code': MTI-Net's code, over "
+                     f"T consecutive channels; 'paper': MTI-Net Sec. 2.4, over tasks)")
 
 
 class FeaturePropagation(nn.Module):
@@ -191,13 +214,14 @@ class FeaturePropagation(nn.Module):
 
         concat = cat_t F_t                                                  (B, T*C, h, w)
         f      = Conv1x1(BasicBlock(BasicBlock(concat -> T*C/4)))            (B, T*C, h, w)  harmonization
-        shared = BasicBlock(task_softmax(f) * concat -> C)                   (B, C, h, w)
+        shared = BasicBlock(fpm_softmax(f) * concat -> C)                    (B, C, h, w)
         out_t  = SE_t(shared) + F_t                                          per-task refinement
     """
 
-    def __init__(self, tasks, channels):
+    def __init__(self, tasks, channels, softmax='code'):
         super().__init__()
         self.tasks = list(tasks)
+        self.softmax = softmax
         T = len(self.tasks)
         wide, narrow = T * channels, T * channels // 4
         self.harmonize = nn.Sequential(basic_block(wide, narrow), basic_block(narrow, narrow),
@@ -207,7 +231,7 @@ class FeaturePropagation(nn.Module):
 
     def forward(self, feats):
         concat = torch.cat([feats[t] for t in self.tasks], 1)         # (B, T*C, h, w)
-        mask = task_softmax(self.harmonize(concat), len(self.tasks))
+        mask = fpm_softmax(self.harmonize(concat), len(self.tasks), self.softmax)
         shared = self.reduce(mask * concat)                             # (B, C, h, w)
         return {t: self.se[t](shared) + feats[t] for t in self.tasks}
 
@@ -221,12 +245,12 @@ class MTINetFrontEnd(nn.Module):
                    = cat(x_s, upsample(FPM_{s+1}(features_{s+1})_t))  (s < 3)   c_s + c_{s+1} channels
       features_t,s = BasicBlock(BasicBlock(input_t,s -> c_s))     (Conv1x1+BN shortcut when widths differ)
       pred_t,s     = Conv1x1(features_t,s -> K_t)                 (deep supervision)
-    with an FPM at 1/32, 1/16 and 1/8. Returns (features, predictions): two lists indexed by scale
+    with an FPM at 1/32, 1/16 and 1/8 (`softmax`: its mask variant, see `fpm_softmax`). Returns (features, predictions): two lists indexed by scale
     [1/4, 1/8, 1/16, 1/32], each a dict task -> tensor at that scale's resolution.
     Used by `mtinet` (then per-scale PAD distillation) and by `ctal_ms` (then cross-scale fusion + CTAL).
     """
 
-    def __init__(self, tasks, channels=(18, 36, 72, 144)):
+    def __init__(self, tasks, channels=(18, 36, 72, 144), softmax='code'):
         super().__init__()
         self.tasks = dict(tasks)
         self.channels = tuple(channels)
@@ -238,7 +262,8 @@ class MTINetFrontEnd(nn.Module):
         self.predictors = nn.ModuleList(
             nn.ModuleDict({t: nn.Conv2d(c, k, 1) for t, k in self.tasks.items()}) for c in self.channels)
         # fpm[s] propagates the task features of scale s to scale s - 1 (none at the finest scale)
-        self.fpm = nn.ModuleList([nn.Identity()] + [FeaturePropagation(self.tasks, c) for c in self.channels[1:]])
+        self.fpm = nn.ModuleList([nn.Identity()] + [FeaturePropagation(self.tasks, c, softmax)
+                                                     for c in self.channels[1:]])
 
     def forward(self, xs):
         n = len(self.channels)

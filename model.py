@@ -7,7 +7,7 @@
                                  # mtinet / ctal_ms: a list of 4, from scales [1/4, 1/8, 1/16, 1/32]
                                  # stl / mtl: 'initial' is {}
 
-Data flow (CNN path, HRNet-W18-small-v2, SPEC section 4):
+Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 3, EMA-Net Sec. 3.4):
 
   stl      per task: HRNet -> HRHead                                  (T networks, nothing shared)
   mtl      HRNet -> per task HRHead                                   (hard parameter sharing)
@@ -21,19 +21,21 @@ Data flow (CNN path, HRNet-W18-small-v2, SPEC section 4):
                  -> CTALDistillation -> per task final head(128)   (EMA-Net Sec. 3.4, Fig. 3)
 
 Transformer path (backbone='swinv2_s'; stl, mtl, padnet, papnet, ctal_ss only: the papers exclude the
-multi-scale models, and Concat was only run on CNNs): the last stage of Swin-V2-S (768 @ 1/32) replaces
-HRNet + Fuse, the IP heads take 768 channels, CTAL runs at 1/32 and the final heads are torchvision
-DeepLabHead(C, K) (mtl/stl: DeepLabHead(768, K) on the backbone features). DeepLabHead's image-pooling
-branch normalises a 1x1 map, so training on this path needs batches of 2 or more.
+multi-scale models, and Concat was only run on CNNs): torchvision's Swin-V2-S (features, final LayerNorm;
+768 @ 1/32) replaces HRNet + Fuse, the IP heads take 768 channels, CTAL runs at 1/32 and the final heads
+are torchvision DeepLabHead(C, K) (mtl/stl: DeepLabHead(768, K) on the backbone features). DeepLabHead's
+image-pooling branch normalises a 1x1 map, so training on this path needs batches of 2 or more.
 
 Every resize is bilinear with align_corners=False; every output is upsampled to the input size.
 Nothing is downloaded: backbones start from random weights unless `pretrained` names a local file.
 
-Fidelity: on NYUv2 288x384 / Cityscapes 128x256 the parameter counts equal the official code's to the
-printed digits (SPEC 4) and the multiply-accumulates at batch 8 equal its FlopCounterMode counts
-(tests/test_model.py). Deliberate differences from the authors' code, both following the papers (SPEC 4):
-PAP-Net's affinity normalisation (baselines.pap_affinity) and the FPM's softmax axis
-(baselines.task_softmax).
+Fidelity: by default every model computes the function of the authors' code (the CTAL repository's
+code_cnn/ and code_transformer/): timm's HRNet made to fuse like theirs (`use_authors_hrnet`), CTAL's
+input layer per path (`ctal_input_layer`), the CTAL authors' PAP-Net affinity and MTI-Net's FPM grouping
+(baselines.py). The paper-text readings are options (pap_affinity='paper', fpm_softmax='paper'); the
+README's Fidelity table lists every difference. On NYUv2 288x384 / Cityscapes 128x256 the parameter
+counts equal the authors' code exactly and the multiply-accumulates at batch 8 equal its FlopCounterMode
+counts (tests/test_model.py).
 """
 import logging
 import math
@@ -42,11 +44,14 @@ import os
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from timm.models.hrnet import HighResolutionModule
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from baselines import (ConcatDistillation, MTINetFrontEnd, PADDistillation, PAPPropagation, conv1x1_bn,
-                       resize)
+from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ConcatDistillation, MTINetFrontEnd, PADDistillation,
+                       PAPPropagation, conv1x1_bn, resize)
 from ctal import CTAL
 
 MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms')
@@ -56,6 +61,8 @@ SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss')
 
 HRNET_CHANNELS = (18, 36, 72, 144)      # branch outputs at 1/4, 1/8, 1/16, 1/32
 SWIN_CHANNELS = 768                     # last stage, 1/32
+SWIN_STAGE_CHANNELS = (96, 192, 384, 768)   # stages at 1/4, 1/8, 1/16, 1/32
+HRNET_BN_MOMENTUM = 0.01                # the authors' HRNet BN_MOMENTUM (timm: 0.1)
 FEATURE_CHANNELS = 256                  # F_t: the IP heads' Bottleneck(64 * 4) output
 CTAL_CHANNELS = 128                     # conv_in width of the CTAL wrapper (and PAP-Net's X_t)
 
@@ -107,9 +114,49 @@ def create_timm_backbone(name, pretrained=None, **kwargs):
     return model
 
 
+class AuthorsFuseModule(HighResolutionModule):
+    """timm's HRNet module computing the function of the HRNet code the MTI-Net / CTAL authors used
+    (HRNet-Semantic-Segmentation's HighResolutionModule): a lower-resolution branch j is added to branch i
+    after Conv1x1 + BN and a BILINEAR resize to branch i's exact size (align_corners=False), where timm
+    upsamples by a nearest-neighbour factor 2^(j - i). Same parameters and summation order, so the same
+    checkpoints load. A size-based resize also lets the backbone run on sizes that are not multiples of 32
+    (e.g. the ATRC/TIF papers' NYUD-v2 425x560)."""
+
+    def forward(self, x):
+        if self.num_branches == 1:
+            return [self.branches[0](x[0])]
+        x = [branch(xi) for branch, xi in zip(self.branches, x)]
+        fused = []
+        for i, layers in enumerate(self.fuse_layers):
+            y = None
+            for j, layer in enumerate(layers):
+                z = layer(x[j])
+                if j > i:
+                    z = F.interpolate(z, size=x[i].shape[-2:], mode='bilinear', align_corners=False)
+                y = z if y is None else y + z
+            fused.append(self.fuse_act(y))
+        return fused
+
+
+def use_authors_hrnet(net):
+    """Make timm's HRNet compute the authors' function, in place: bilinear size-matched fuse upsampling
+    (`AuthorsFuseModule`) and BatchNorm momentum 0.01 (their BN_MOMENTUM; timm uses 0.1, which changes the
+    running statistics from the first training step on). Parameters are untouched."""
+    for m in net.modules():
+        if isinstance(m, HighResolutionModule):
+            m.__class__ = AuthorsFuseModule
+            for i, layers in enumerate(m.fuse_layers if m.num_branches > 1 else []):
+                for j in range(i + 1, m.num_branches):
+                    layers[j][-1] = nn.Identity()          # timm's nn.Upsample; the resize is in forward
+        elif isinstance(m, nn.BatchNorm2d):
+            m.momentum = HRNET_BN_MOMENTUM
+    return net
+
+
 class HRNetBackbone(nn.Module):
     """timm hrnet_w18_small_v2 (3.86 M params), features_only, feature_location='': the 4 branch outputs
-    (B, 18, H/4, W/4), (B, 36, H/8, W/8), (B, 72, H/16, W/16), (B, 144, H/32, W/32).
+    (B, 18, H/4, W/4), (B, 36, H/8, W/8), (B, 72, H/16, W/16), (B, 144, H/32, W/32) (sizes rounded up
+    by the stride-2 convolutions), computing the authors' function (`use_authors_hrnet`).
 
     timm's feature list starts with the 64-ch stem at 1/2; out_indices=(1, 2, 3, 4) drops it (the stem
     still runs, it only stops being returned).
@@ -118,35 +165,67 @@ class HRNetBackbone(nn.Module):
 
     def __init__(self, pretrained=None):
         super().__init__()
-        self.net = create_timm_backbone('hrnet_w18_small_v2', pretrained, features_only=True,
-                                        feature_location='', out_indices=(1, 2, 3, 4))
+        self.net = use_authors_hrnet(create_timm_backbone('hrnet_w18_small_v2', pretrained, features_only=True,
+                                                          feature_location='', out_indices=(1, 2, 3, 4)))
 
     def forward(self, x):
         return list(self.net(x))
 
 
-class SwinBackbone(nn.Module):
-    """timm swinv2_small_window8_256 built for img_size (H, W): its last stage, (B, 768, H/32, W/32).
+def load_torchvision_weights(model, path):
+    """Load a local torchvision checkpoint (a state dict, e.g. swin_v2_s-6cf4c8c5.pth) into `model`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights for swin_v2_s: no file at {path!r}. Pass the path of a "
+                                f"local torchvision checkpoint (.pth) or pretrained=None for random init.")
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = state.get('model', state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"pretrained weights {path!r}: expected a torchvision swin_v2_s state dict, got "
+                         f"{type(state).__name__}")
+    result = model.load_state_dict(state, strict=False)
+    loaded = len(model.state_dict()) - len(result.missing_keys)
+    if loaded == 0:
+        raise ValueError(f"pretrained weights {path!r} matched no parameter of swin_v2_s: expected a torchvision "
+                         f"swin_v2_s checkpoint (torchvision key names such as 'features.0.0.weight')")
+    print(f"[swin_v2_s <- {path}] loaded {loaded} tensors; missing {len(result.missing_keys)}, "
+          f"unexpected {len(result.unexpected_keys)}")
 
-    timm returns NHWC; we permute to channels-first. Any H, W divisible by 32 works: the window stays 8
-    and a stage whose map is not a multiple of 8 is zero-padded to one inside each block (e.g. NYUv2
-    288x384: stage 3 is 18x24 -> padded 24x24, stage 4 is 9x12 -> padded 16x16, windows shifted by 4);
-    a stage smaller than a window uses one window of its own size (no shift). Swin-V2's log-spaced
-    continuous position bias makes pretrained weights valid at any window size, so nothing is resized.
+
+class SwinBackbone(nn.Module):
+    """torchvision swin_v2_s, as the CTAL authors' transformer code uses it: `features`, then the final
+    LayerNorm `norm`, then `permute` to channels-first: (B, 768, H/32, W/32). Stochastic depth 0.3
+    (torchvision's default for this model). With all_stages=True it returns the four stage outputs
+    [(B, 96, H/4, W/4), (B, 192, H/8, W/8), (B, 384, H/16, W/16), (B, 768, H/32, W/32)] instead, the last
+    one after the final norm (for models that decode every scale).
+
+    torchvision pads each stage's map to whole windows (8x8) itself, so any H, W divisible by 32 work;
+    Swin-V2's log-spaced continuous position bias makes the ImageNet weights valid at any size.
     """
     channels = SWIN_CHANNELS
+    stage_channels = SWIN_STAGE_CHANNELS
 
-    def __init__(self, img_size, pretrained=None):
+    def __init__(self, pretrained=None, all_stages=False):
         super().__init__()
-        self.net = create_timm_backbone('swinv2_small_window8_256', pretrained, features_only=True,
-                                        out_indices=(3,), img_size=tuple(img_size))
+        net = torchvision.models.swin_v2_s(weights=None)
+        if pretrained is not None:
+            load_torchvision_weights(net, os.fspath(pretrained))
+        self.features, self.norm, self.permute = net.features, net.norm, net.permute
+        self.all_stages = all_stages
 
     def forward(self, x):
-        return self.net(x)[0].permute(0, 3, 1, 2).contiguous()       # (B, 768, H/32, W/32)
+        stages = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)                                                # NHWC
+            if i % 2 == 1:                                              # after stages 1..4 (odd indices)
+                stages.append(x)
+        stages[-1] = self.norm(stages[-1])
+        if not self.all_stages:
+            return self.permute(stages[-1]).contiguous()                 # (B, 768, H/32, W/32)
+        return [s.permute(0, 3, 1, 2).contiguous() for s in stages]
 
 
 def make_backbone(backbone, img_size, pretrained):
-    return HRNetBackbone(pretrained) if backbone == 'hrnet18' else SwinBackbone(img_size, pretrained)
+    return HRNetBackbone(pretrained) if backbone == 'hrnet18' else SwinBackbone(pretrained)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,23 +290,33 @@ def final_head(channels, num_outputs, backbone):
                          nn.Conv2d(channels, num_outputs, 1))
 
 
+def ctal_input_layer(in_channels, channels, backbone):
+    """CTAL's per-task input projection: a plain Conv1x1 in the authors' CNN code (code_cnn/models/ctal.py),
+    Conv1x1 + BN + ReLU in their transformer code (code_transformer/models/ctal.py)."""
+    if backbone == 'hrnet18':
+        return nn.Conv2d(in_channels, channels, 1)
+    return nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+
 class CTALDistillation(nn.Module):
     """The CTAL distillation step shared by ctal_ss and ctal_ms: per task
-        conv_in  (Conv1x1 c_in -> 128, BN, ReLU)          c_in = 256 (ss, F_t) or 270 (ms, fused F_t)
+        conv_in  Conv1x1 c_in -> 128 (bias)               c_in = 256 (ss, F_t) or 270 (ms, fused F_t)
+                 (Swin: Conv1x1 c_in -> 128, BN, ReLU)    as the authors' CNN / transformer code do
         resize   bilinear to the distillation size (h, w) (identity when the features are already there)
         CTAL     ctal.py, all tasks jointly: EMA-Net Eqs. 1-2, F^r_t = gamma F^p_t G_t^T + (1 - gamma) F^i_t
         conv_out ConvTranspose2d(128, 128, 2, stride 2), BN, ReLU, Conv3x3 128 -> 128   (2h, 2w)
     so the final heads run at twice the distillation resolution (NYUv2 at 1/4: 144x192).
+    The plain conv_in of the CNN path lets affinities range over [-1, 1]; after the transformer path's
+    ReLU every affinity is >= 0.
     """
 
-    def __init__(self, tasks, in_channels, size, gamma=0.05, impl='auto', fusion='shared', kernel_size=3):
+    def __init__(self, tasks, in_channels, size, gamma=0.05, impl='auto', fusion='shared', kernel_size=3,
+                 backbone='hrnet18'):
         super().__init__()
         self.tasks = list(tasks)
         self.size = tuple(size)
         c = CTAL_CHANNELS
-        self.conv_in = nn.ModuleDict({
-            t: nn.Sequential(nn.Conv2d(in_channels, c, 1), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
-            for t in self.tasks})
+        self.conv_in = nn.ModuleDict({t: ctal_input_layer(in_channels, c, backbone) for t in self.tasks})
         self.ctal = CTAL(len(self.tasks), c, self.size, kernel_size=kernel_size, gamma=gamma,
                          fusion=fusion, impl=impl)
         self.conv_out = nn.ModuleDict({
@@ -340,10 +429,10 @@ class MTINet(MultiTaskModel):
     'initial'[t] = the 4 per-scale predictions P_{t,s}, upsampled, scales [1/4, 1/8, 1/16, 1/32].
     """
 
-    def __init__(self, tasks, img_size, pretrained=None):
+    def __init__(self, tasks, img_size, pretrained=None, fpm_softmax='code'):
         super().__init__(tasks, img_size)
         self.backbone = HRNetBackbone(pretrained)
-        self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS)
+        self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS, fpm_softmax)
         self.distill = nn.ModuleList(PADDistillation(self.tasks, c) for c in HRNET_CHANNELS)
         self.heads = nn.ModuleDict({t: HRHead(k) for t, k in self.tasks.items()})
 
@@ -368,10 +457,10 @@ class CTALMultiScale(MultiTaskModel):
     """
 
     def __init__(self, tasks, img_size, distill_size, gamma=0.05, ctal_impl='auto', ctal_fusion='shared',
-                 pretrained=None):
+                 pretrained=None, fpm_softmax='code'):
         super().__init__(tasks, img_size)
         self.backbone = HRNetBackbone(pretrained)
-        self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS)
+        self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS, fpm_softmax)
         self.fuse = nn.ModuleDict({t: Fuse(HRNET_CHANNELS) for t in self.tasks})
         self.distill = CTALDistillation(self.tasks, sum(HRNET_CHANNELS), distill_size, gamma, ctal_impl, ctal_fusion)
         self.final_heads = nn.ModuleDict({t: final_head(CTAL_CHANNELS, k, 'hrnet18') for t, k in self.tasks.items()})
@@ -394,7 +483,7 @@ def distillation_size(img_size, scale, backbone):
 
     HRNet: (round(H * scale), round(W * scale)), resized from the 1/4 map (identity at scale 1/4), e.g.
     NYUv2 288x384: 1/4 -> 72x96, 1/6 -> 48x64, 1/8 -> 36x48.
-    Swin: always the backbone's 1/32 grid (H/32, W/32) (SPEC: "CTAL runs at 1/32"), e.g. 9x12 on
+    Swin: always the backbone's 1/32 grid (H/32, W/32) (as the authors' transformer code), e.g. 9x12 on
     NYUv2, 16x16 on PASCAL 512x512. Our choice: no resize on this path, so `scale` must be left at its
     default 1/4 (or given as 1/32); any other value is an error instead of being silently ignored.
     """
@@ -413,7 +502,7 @@ def distillation_size(img_size, scale, backbone):
     return h, w
 
 
-def check_arguments(name, tasks, img_size, backbone, pap_iters):
+def check_arguments(name, tasks, img_size, backbone, pap_iters, pap_affinity, fpm_softmax):
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     if backbone not in BACKBONES:
@@ -431,44 +520,57 @@ def check_arguments(name, tasks, img_size, backbone, pap_iters):
                              f"(that output key holds the initial predictions)")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"task {t!r}: output channels must be a positive int, got {k!r}")
-    if (len(img_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 32 or s % 32
+    # HRNet resizes by size (any H, W >= 32 works); Swin's patch merging needs multiples of 32
+    multiple = 32 if backbone == 'swinv2_s' else 1
+    if (len(img_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 32 or s % multiple
                                   for s in img_size)):
-        raise ValueError(f"img_size must be (H, W), positive multiples of 32 (both backbones downsample by 32), "
-                         f"got {tuple(img_size)!r}")
+        need = "positive multiples of 32 (Swin downsamples by 32)" if multiple == 32 else "ints >= 32"
+        raise ValueError(f"img_size must be (H, W), {need}, got {tuple(img_size)!r}")
     if isinstance(pap_iters, bool) or not isinstance(pap_iters, int) or pap_iters < 1:
         raise ValueError(f"pap_iters must be a positive int, got {pap_iters!r}")
+    if pap_affinity not in PAP_AFFINITIES:
+        raise ValueError(f"pap_affinity={pap_affinity!r}: expected one of {PAP_AFFINITIES} ('code': the CTAL "
+                         f"authors' PAP-Net, 'paper': the PAP-Net paper's row-normalised cosine)")
+    if fpm_softmax not in FPM_SOFTMAXES:
+        raise ValueError(f"fpm_softmax={fpm_softmax!r}: expected one of {FPM_SOFTMAXES} ('code': MTI-Net's code, "
+                         f"over T consecutive channels; 'paper': MTI-Net Sec. 2.4, over tasks)")
 
 
 def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.05, ctal_impl='auto',
-                ctal_fusion='shared', pretrained=None, pap_iters=1):
+                ctal_fusion='shared', pretrained=None, pap_iters=1, pap_affinity='code', fpm_softmax='code'):
     """Build model `name` for `tasks` (dict task -> output channels, in canonical order) at img_size (H, W).
 
     scale: CTAL's distillation scale (ctal_ss/ctal_ms on HRNet; see `distillation_size`); gamma,
     ctal_impl ('auto' | 'dense' | 'linear'), ctal_fusion ('shared' | 'task'): passed to CTAL.
-    pretrained: None (random init, never touches the network) or a local backbone checkpoint file.
-    pap_iters: PAP-Net propagation iterations. Arguments a model does not use are ignored.
+    pretrained: None (random init, never touches the network) or a local backbone checkpoint file
+    (timm's hrnet_w18_small_v2 / torchvision's swin_v2_s).
+    pap_iters: PAP-Net propagation iterations; pap_affinity ('code' | 'paper'): PAP-Net's affinity
+    normalisation (baselines.pap_affinity); fpm_softmax ('code' | 'paper'): the MTI-Net FPM mask of
+    mtinet / ctal_ms (baselines.fpm_softmax). 'code' = the authors' code, the default everywhere.
+    Arguments a model does not use are ignored.
     """
     img_size = tuple(img_size)
-    check_arguments(name, tasks, img_size, backbone, pap_iters)
+    check_arguments(name, tasks, img_size, backbone, pap_iters, pap_affinity, fpm_softmax)
     tasks = dict(tasks)
     if name == 'stl':
         return SingleTask(tasks, img_size, backbone, pretrained)
     if name == 'mtl':
         return HardSharing(tasks, img_size, backbone, pretrained)
     if name == 'mtinet':
-        return MTINet(tasks, img_size, pretrained)
+        return MTINet(tasks, img_size, pretrained, fpm_softmax)
     if name == 'ctal_ms':
         return CTALMultiScale(tasks, img_size, distillation_size(img_size, scale, backbone), gamma,
-                              ctal_impl, ctal_fusion, pretrained)
+                              ctal_impl, ctal_fusion, pretrained, fpm_softmax)
     if name == 'concat':
         distill, channels = ConcatDistillation(tasks, FEATURE_CHANNELS), FEATURE_CHANNELS
     elif name == 'padnet':
         distill, channels = PADDistillation(tasks, FEATURE_CHANNELS), FEATURE_CHANNELS
     elif name == 'papnet':
-        distill = PAPPropagation(tasks, FEATURE_CHANNELS, CTAL_CHANNELS, beta=0.05, iters=pap_iters)
+        distill = PAPPropagation(tasks, FEATURE_CHANNELS, CTAL_CHANNELS, beta=0.05, iters=pap_iters,
+                                 affinity=pap_affinity)
         channels = CTAL_CHANNELS
     else:  # ctal_ss
         distill = CTALDistillation(tasks, FEATURE_CHANNELS, distillation_size(img_size, scale, backbone),
-                                   gamma, ctal_impl, ctal_fusion)
+                                   gamma, ctal_impl, ctal_fusion, backbone=backbone)
         channels = CTAL_CHANNELS
     return SingleScaleDistillation(tasks, img_size, backbone, distill, channels, pretrained)

@@ -14,20 +14,28 @@ import timm
 import torch
 import torch.nn.functional as F
 
+import numpy as np
+import torchvision
+from timm.models.hrnet import HighResolutionModule
+
 from baselines import (MTINetFrontEnd, PADDistillation, PAPPropagation, FeaturePropagation, pap_affinity,
-                       task_softmax)
-from model import MODEL_NAMES, SWIN_MODEL_NAMES, CTALDistillation, build_model
+                       fpm_softmax)
+from model import MODEL_NAMES, SWIN_MODEL_NAMES, CTALDistillation, HRNetBackbone, SwinBackbone, build_model
 
 NYU = {'semseg': 13, 'depth': 1, 'normals': 3}
 CITY = {'semseg': 19, 'depth': 1}
 PASCAL = {'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1}
 NYU_SIZE, CITY_SIZE = (288, 384), (128, 256)
 
-# official code, untrained, 1/4 scale (SPEC section 4), millions
+# the authors' CNN code (CTAL repository, code_cnn/), untrained, 1/4 scale: exact parameter counts
 OFFICIAL = {
-    'nyuv2': dict(stl=11.81, mtl=4.09, padnet=12.08, papnet=4.78, ctal_ss=6.06, mtinet=12.64, ctal_ms=11.15),
-    'cityscapes': dict(stl=7.87, mtl=4.01, padnet=7.01, papnet=4.50, ctal_ss=5.26, mtinet=8.57, ctal_ms=8.47),
+    'nyuv2': dict(stl=11_807_897, mtl=4_086_457, padnet=12_077_440, papnet=4_780_425, ctal_ss=6_057_216,
+                  mtinet=12_638_901, ctal_ms=11_149_783),
+    'cityscapes': dict(stl=7_874_280, mtl=4_013_560, padnet=7_008_262, papnet=4_501_770, ctal_ss=5_262_854,
+                       mtinet=8_566_734, ctal_ms=8_474_086),
 }
+# the papers' Params column on the transformer path, NYUv2 (CTAL paper Tab. 2), millions as printed
+PAPER_SWIN_NYU = dict(stl=166.8, mtl=68.8, padnet=65.6, papnet=55.8, ctal_ss=57.0)
 # the papers' resource table (NYUv2): parameters relative to STL, per (model, distillation scale)
 RELATIVE = {('mtl', 4): 0.346, ('papnet', 4): 0.404, ('padnet', 4): 1.023,
             ('ctal_ss', 4): 0.513, ('ctal_ss', 6): 0.504, ('ctal_ss', 8): 0.500,
@@ -65,8 +73,13 @@ def count(name, dataset, denominator=4):
 @pytest.mark.parametrize('dataset', ['nyuv2', 'cityscapes'])
 @pytest.mark.parametrize('name', list(OFFICIAL['nyuv2']))
 def test_parameter_count_matches_official_code(name, dataset):
-    ours = count(name, dataset) / 1e6
-    assert ours == pytest.approx(OFFICIAL[dataset][name], rel=0.01)
+    assert count(name, dataset) == OFFICIAL[dataset][name]
+
+
+@pytest.mark.parametrize('name', SWIN_MODEL_NAMES)
+def test_swin_parameter_counts_match_papers_params_column(name):
+    ours = n_params(build_model(name, NYU, NYU_SIZE, backbone='swinv2_s')) / 1e6
+    assert ours == pytest.approx(PAPER_SWIN_NYU[name], rel=0.0025)        # ctal_ss: 56.89 vs 57.0
 
 
 @pytest.mark.parametrize('name,denominator', list(RELATIVE))
@@ -97,7 +110,7 @@ def basic(cin, cout):
 
 
 def expected_counts(tasks, size, denominator=4):
-    """Every model's parameter count from SPEC section 4's layer list."""
+    """Every model's parameter count from the layer list of the authors' CNN code."""
     H, W = size
     T, Ks = len(tasks), list(tasks.values())
     hrnet, ch = 3_860_720, (18, 36, 72, 144)
@@ -121,9 +134,9 @@ def expected_counts(tasks, size, denominator=4):
         'concat': ss + sum(conv(T * 256, 256) + bn(256) + final(256, k) for k in Ks),
         'padnet': ss + T * (T - 1) * 2 * conv(256, 256, 3, False) + sum(final(256, k) for k in Ks),
         'papnet': ss + T * conv(256, 128) + T * T + sum(final(128, k) for k in Ks),
-        'ctal_ss': ss + ctal + sum(conv(256, 128) + bn(128) + conv_out + final(128, k) for k in Ks),
+        'ctal_ss': ss + ctal + sum(conv(256, 128) + conv_out + final(128, k) for k in Ks),     # plain conv_in
         'mtinet': front + sum(T * (T - 1) * 2 * conv(c, c, 3, False) for c in ch) + sum(hrhead(k) for k in Ks),
-        'ctal_ms': front + ctal + sum(fuse + conv(270, 128) + bn(128) + conv_out + final(128, k) for k in Ks),
+        'ctal_ms': front + ctal + sum(fuse + conv(270, 128) + conv_out + final(128, k) for k in Ks),
     }
 
 
@@ -142,7 +155,7 @@ def test_ctal_fusion_is_the_papers_187k():
     assert model.distill.ctal.fusion.bias.numel() == 6_912
 
 
-# the authors' code counted with FlopCounterMode at 288x384, batch 8, in multiply-accumulates (SPEC 4):
+# the authors' code counted with FlopCounterMode at 288x384, batch 8, in multiply-accumulates:
 # matching them checks where each layer runs (e.g. CTAL's conv_out and final head at 1/2)
 OFFICIAL_GMACS = dict(mtl=40.5, padnet=482, papnet=372, ctal_ss=533, mtinet=64, ctal_ms=522)
 
@@ -320,33 +333,113 @@ def test_ctal_wrapper_is_conv_in_resize_ctal_conv_out():
         assert not torch.allclose(wrap(feats)['a'], out['a'])
 
 
+def test_ctal_conv_in_is_a_plain_conv_on_cnns_and_conv_bn_relu_on_swin():
+    cnn = build_model('ctal_ss', CITY, (64, 128)).distill.conv_in['depth']
+    assert type(cnn) is torch.nn.Conv2d and cnn.bias is not None and cnn.kernel_size == (1, 1)
+    swin = build_model('ctal_ss', CITY, (64, 128), backbone='swinv2_s').distill.conv_in['depth']
+    assert [type(m) for m in swin] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    torch.manual_seed(0)                                   # so CNN affinities can be negative: no ReLU
+    assert (cnn(torch.randn(1, 256, 4, 4)) < 0).any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# backbones: the authors' functions
+
+def test_hrnet_fuse_upsamples_bilinearly_to_the_target_branch_size():
+    """One fuse output of the last HRNet module recomputed by hand: branch i gets every coarser branch j
+    through Conv1x1 + BN + F.interpolate(size=branch i's size, bilinear), then a ReLU."""
+    torch.manual_seed(0)
+    net = HRNetBackbone().net.double().eval()
+    module = [m for m in net.modules() if isinstance(m, HighResolutionModule)][-1]
+    sizes = [(11, 14), (6, 7), (3, 4), (2, 2)]                            # odd: no factor of 2 fits
+    xs = [torch.randn(1, c, *hw, dtype=torch.float64) for c, hw in zip((18, 36, 72, 144), sizes)]
+    with torch.no_grad():
+        out = module(list(xs))
+        branch = [b(x) for b, x in zip(module.branches, xs)]
+        for i in range(4):
+            y = branch[i].clone()
+            for j in range(4):
+                if j > i:
+                    conv, bn = module.fuse_layers[i][j][0], module.fuse_layers[i][j][1]
+                    y += F.interpolate(bn(conv(branch[j])), size=sizes[i], mode='bilinear', align_corners=False)
+                elif j < i:
+                    y += module.fuse_layers[i][j](branch[j])
+            torch.testing.assert_close(out[i], torch.relu(y), rtol=1e-12, atol=1e-12)
+    assert not any(isinstance(m, torch.nn.Upsample) for m in net.modules())
+
+
+def test_hrnet_batchnorm_momentum_is_the_authors_0_01():
+    bns = [m for m in HRNetBackbone().modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) > 100 and all(m.momentum == 0.01 for m in bns)
+
+
+def test_hrnet_models_run_at_the_atrc_papers_nyud_size():
+    model = build_model('mtinet', NYU, (425, 560)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 425, 560))
+    assert out['semseg'].shape == (1, 13, 425, 560)
+
+
+def test_swin_backbone_is_torchvisions_features_norm_permute():
+    torch.manual_seed(0)
+    ours = SwinBackbone().double().eval()
+    ref = torchvision.models.swin_v2_s().double().eval()
+    ref.load_state_dict({k: v for k, v in ours.state_dict().items()}, strict=False)
+    x = torch.randn(1, 3, 96, 128, dtype=torch.float64)                   # 3x4 last stage: window padding
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref.permute(ref.norm(ref.features(x))), rtol=0, atol=0)
+    depth = [m.stochastic_depth.p for m in ours.modules() if hasattr(m, 'stochastic_depth')]
+    assert max(depth) == pytest.approx(0.3)                              # torchvision's swin_v2_s default
+    stages = SwinBackbone(all_stages=True).eval()(torch.randn(1, 3, 64, 96))
+    assert [tuple(s.shape[1:]) for s in stages] == [(96, 16, 24), (192, 8, 12), (384, 4, 6), (768, 2, 3)]
+
+
 # ----------------------------------------------------------------------------------------------------
 # baselines: the distillation maths from the definitions
 
-def test_pap_affinity_from_the_definition():
+def test_pap_affinity_paper_variant_from_the_definition():
+    """PAP-Net's text: per-position cosine, negatives clamped, rows normalised (an explicit double loop)."""
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 2, 3)
-    a = pap_affinity(x)
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    a = pap_affinity(x, 'paper')
     for b in range(2):
         v = [x[b, :, i, j] for i in range(2) for j in range(3)]
         for p in range(6):
             sims = [max(0.0, float(v[p] @ v[q] / (v[p].norm() * v[q].norm()))) for q in range(6)]
             total = sum(sims)
             for q in range(6):
-                assert float(a[b, p, q]) == pytest.approx(sims[q] / total, rel=1e-5, abs=1e-7)
-    torch.testing.assert_close(a.sum(2), torch.ones(2, 6))
+                assert float(a[b, p, q]) == pytest.approx(sims[q] / total, rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(a.sum(2), torch.ones(2, 6, dtype=torch.float64))
 
 
-def test_pap_propagation_from_the_definition():
+def test_pap_affinity_code_variant_from_the_definition():
+    """The CTAL authors' PAP-Net: channels L2-normalised over positions, no clamp, columns normalised (numpy)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    a = pap_affinity(x).numpy()                                          # default = 'code'
+    for b in range(2):
+        X = x[b].reshape(3, 6).numpy()                                   # (C, HW)
+        Xn = X / np.sqrt((X ** 2).sum(1, keepdims=True))                 # each channel a unit vector over HW
+        A0 = Xn.T @ Xn
+        has_negative = (A0 < 0).any()
+        np.testing.assert_allclose(a[b], A0 / A0.sum(0, keepdims=True), rtol=1e-10, atol=1e-12)
+    assert has_negative                                                  # negatives are kept, not clamped
+    np.testing.assert_allclose(a.sum(1), np.ones((2, 6)), rtol=1e-10)    # columns sum to 1
+    with pytest.raises(ValueError, match="'code'.*'paper'"):
+        pap_affinity(x, 'rows')
+
+
+@pytest.mark.parametrize('variant', ['code', 'paper'])
+def test_pap_propagation_from_the_definition(variant):
     torch.manual_seed(0)
     tasks = ['a', 'b', 'c']
-    pap = PAPPropagation(tasks, in_channels=8, channels=4, iters=2).double()
+    pap = PAPPropagation(tasks, in_channels=8, channels=4, iters=2, affinity=variant).double()
     with torch.no_grad():
         pap.task_weights.normal_()
     feats = {t: torch.randn(1, 8, 3, 4, dtype=torch.float64) for t in tasks}
     out = pap(feats)
     xs = {t: pap.reduce[t](feats[t])[0].flatten(1) for t in tasks}                  # (C, HW)
-    aff = {t: pap_affinity(pap.reduce[t](feats[t]))[0] for t in tasks}             # (HW, HW)
+    aff = {t: pap_affinity(pap.reduce[t](feats[t]), variant)[0] for t in tasks}    # (HW, HW)
     for i, t in enumerate(tasks):
         w = torch.softmax(pap.task_weights[i], 0)
         a = sum(w[j] * aff[s] for j, s in enumerate(tasks))
@@ -355,6 +448,11 @@ def test_pap_propagation_from_the_definition():
             y = 0.05 * torch.einsum('pq,cq->cp', a, y) + 0.95 * xs[t]
         torch.testing.assert_close(out[t][0].flatten(1), y)
     assert torch.allclose(torch.softmax(PAPPropagation(tasks).task_weights, 1), torch.full((3, 3), 1 / 3))
+
+
+def test_papnet_builds_with_either_affinity():
+    assert build_model('papnet', CITY, (64, 128)).distill.affinity == 'code'
+    assert build_model('papnet', CITY, (64, 128), pap_affinity='paper').distill.affinity == 'paper'
 
 
 def test_pad_distillation_from_the_definition():
@@ -374,18 +472,38 @@ def test_pad_distillation_from_the_definition():
     assert len(pad.attention) == 6                                                  # ordered pairs
 
 
-def test_fpm_softmax_is_over_tasks_not_consecutive_channels():
+def test_fpm_softmax_paper_variant_is_over_tasks():
     torch.manual_seed(0)
     T, C = 3, 4
-    logits = torch.randn(2, T * C, 3, 5)
-    mask = task_softmax(logits, T)
+    logits = torch.randn(2, T * C, 3, 5, dtype=torch.float64)
+    mask = fpm_softmax(logits, T, 'paper')
     for t in range(T):
         for c in range(C):
             den = sum(logits[:, s * C + c].exp() for s in range(T))
             torch.testing.assert_close(mask[:, t * C + c], logits[:, t * C + c].exp() / den)
-    torch.testing.assert_close(mask.view(2, T, C, 3, 5).sum(1), torch.ones(2, C, 3, 5))
-    # the official grouping (T consecutive channels) would sum to 1 there instead: not what we do
-    assert not torch.allclose(mask.view(2, C, T, 3, 5).sum(2), torch.ones(2, C, 3, 5))
+
+
+def test_fpm_softmax_code_variant_is_over_consecutive_channels():
+    """MTI-Net's code: channels j*T .. j*T + T - 1 form one softmax group (explicit index arithmetic)."""
+    torch.manual_seed(0)
+    T, C = 3, 4
+    logits = torch.randn(2, T * C, 3, 5, dtype=torch.float64)
+    mask = fpm_softmax(logits, T)                                        # default = 'code'
+    for j in range(C):
+        group = [j * T + i for i in range(T)]
+        den = sum(logits[:, g].exp() for g in group)
+        for g in group:
+            torch.testing.assert_close(mask[:, g], logits[:, g].exp() / den)
+    assert not torch.allclose(mask, fpm_softmax(logits, T, 'paper'))
+    with pytest.raises(ValueError, match="'code'.*'paper'"):
+        fpm_softmax(logits, T, 'tasks')
+
+
+@pytest.mark.parametrize('name', ['mtinet', 'ctal_ms'])
+def test_multiscale_models_pass_the_fpm_variant(name):
+    for variant in ('code', 'paper'):
+        model = build_model(name, CITY, (64, 128), fpm_softmax=variant)
+        assert all(fpm.softmax == variant for fpm in model.front.fpm[1:])
 
 
 def test_fpm_adds_a_per_task_gated_shared_representation():
@@ -395,7 +513,7 @@ def test_fpm_adds_a_per_task_gated_shared_representation():
     with torch.no_grad():
         out = fpm(feats)
         concat = torch.cat([feats['a'], feats['b']], 1)
-        shared = fpm.reduce(task_softmax(fpm.harmonize(concat), 2) * concat)
+        shared = fpm.reduce(fpm_softmax(fpm.harmonize(concat), 2) * concat)
         for t in 'ab':
             gate = torch.sigmoid(fpm.se[t].mlp[2](torch.relu(fpm.se[t].mlp[0](shared.mean((2, 3))))))
             torch.testing.assert_close(out[t], feats[t] + shared * gate[:, :, None, None])
@@ -435,14 +553,19 @@ def test_pretrained_hrnet_loads_a_local_file(tmp_path, capsys):
     run_and_check(model, CITY, (64, 128))
 
 
-def test_pretrained_swin_loads_a_local_file_at_another_input_size(tmp_path, capsys):
-    sd = perturbed_checkpoint('swinv2_small_window8_256', tmp_path / 'swin.pth')
+def test_pretrained_swin_loads_a_local_torchvision_file(tmp_path, capsys):
+    torch.manual_seed(1)
+    sd = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+          for k, v in torchvision.models.swin_v2_s().state_dict().items()}
+    torch.save(sd, tmp_path / 'swin.pth')
     model = build_model('ctal_ss', NYU, NYU_SIZE, backbone='swinv2_s', pretrained=tmp_path / 'swin.pth')
     printed = capsys.readouterr().out
-    assert 'Missing keys (head.fc.weight, head.fc.bias)' in printed
-    params = dict(model.backbone.net.named_parameters())              # features_only names: layers_0.*
-    assert all(torch.equal(p, sd[k.replace('layers_', 'layers.', 1)]) for k, p in params.items())
-    assert f'{len(params)} of {len(params)} parameter tensors' in printed
+    assert 'loaded 449 tensors; missing 0, unexpected 0' in printed      # the whole torchvision model
+    backbone = model.backbone.state_dict()
+    assert backbone and all(torch.equal(v, sd[k]) for k, v in backbone.items())
+    torch.save({'x': torch.zeros(1)}, tmp_path / 'other.pth')
+    with pytest.raises(ValueError, match='matched no parameter of swin_v2_s'):
+        build_model('mtl', CITY, (64, 128), backbone='swinv2_s', pretrained=tmp_path / 'other.pth')
 
 
 def test_pretrained_errors(tmp_path):
@@ -472,7 +595,10 @@ def test_default_build_never_touches_the_network(monkeypatch):
     (dict(tasks=['semseg']), "non-empty dict"),
     (dict(tasks={'semseg': 0}), "positive int"),
     (dict(tasks={'initial': 3}), "other than 'initial'"),
-    (dict(img_size=(100, 128)), "multiples of 32"),
+    (dict(img_size=(100, 128), backbone='swinv2_s'), "multiples of 32"),
+    (dict(img_size=(16, 128)), "ints >= 32"),
+    (dict(name='papnet', pap_affinity='rows'), "pap_affinity"),
+    (dict(name='mtinet', fpm_softmax='tasks'), "fpm_softmax"),
     (dict(scale=1 / 2), r"\(0, 1/4\]"),
     (dict(backbone='swinv2_s', scale=1 / 8), "1/32 grid"),
     (dict(name='papnet', pap_iters=0), "pap_iters"),
