@@ -226,6 +226,68 @@ def scale_crop(sample, scale, top, left):
     return out
 
 
+PASCAL_SCALE_RANGE = (0.5, 2.0)      # the authors' PASCAL training augmentation (ATRC's, reused by CTAL)
+PASCAL_BRIGHTNESS = 32 / 255         # photometric distortion on [0, 1] images (theirs: 32 on 0..255)
+PASCAL_CONTRAST = (0.5, 1.5)
+PASCAL_SATURATION = (0.5, 1.5)
+PASCAL_HUE = 18 / 180                # OpenCV hue units (0..180) -> turns
+
+
+def _uniform(low, high):
+    return low + (high - low) * float(torch.rand(()))
+
+
+def photometric_distortion(image):
+    """The authors' PhotoMetricDistortion on a (3, H, W) image in [0, 1]: each step with probability 1/2:
+    brightness +U(-32, 32)/255, contrast x U(0.5, 1.5) (first or last, coin flip), saturation x U(0.5, 1.5),
+    hue + U(-18, 18)/180 turn; clipped to [0, 1] after each step. Saturation and hue use torchvision's
+    adjust_saturation (a blend with the grey image) and adjust_hue (an HSV hue shift) where the authors
+    use OpenCV's HSV (S scaled) with uint8 rounding; see the README's Fidelity table."""
+    from torchvision.transforms.v2 import functional as TF
+    if float(torch.rand(())) < 0.5:
+        image = (image + _uniform(-PASCAL_BRIGHTNESS, PASCAL_BRIGHTNESS)).clamp(0, 1)
+    contrast_first = float(torch.rand(())) < 0.5
+    steps = [
+        lambda x: (x * _uniform(*PASCAL_CONTRAST)).clamp(0, 1),          # their contrast: a plain gain
+        lambda x: TF.adjust_saturation(x, _uniform(*PASCAL_SATURATION)).clamp(0, 1),
+        lambda x: TF.adjust_hue(x, _uniform(-PASCAL_HUE, PASCAL_HUE)),
+    ]
+    order = steps if contrast_first else steps[1:] + steps[:1]
+    for step in order:
+        if float(torch.rand(())) < 0.5:
+            image = step(image)
+    return image
+
+
+def pascal_augment(sample, size):
+    """The authors' PASCAL-Context training augmentation (CTAL code_transformer, from ATRC) on a sample
+    at its original size: random scale U(0.5, 2) (image bilinear, labels nearest), pad to at least `size`
+    centred (ignore / zero normals; image 0), random crop `size`, horizontal flip with p = 1/2, then the
+    photometric distortion. Returns a sample of exactly `size` (H, W)."""
+    H, W = size
+    h, w = sample['image'].shape[-2:]
+    s = _uniform(*PASCAL_SCALE_RANGE)
+    nh, nw = int(h * s), int(w * s)
+    ph, pw = max(H - nh, 0), max(W - nw, 0)
+    top, left = int(torch.randint(max(nh - H, 0) + 1, ())), int(torch.randint(max(nw - W, 0) + 1, ()))
+    out = {}
+    for key, v in sample.items():
+        if not (torch.is_tensor(v) and v.dim() >= 2):
+            out[key] = v
+            continue
+        x = v.reshape(1, -1, h, w).float()
+        x = (F.interpolate(x, (nh, nw), mode='bilinear', align_corners=False) if key == 'image'
+             else F.interpolate(x, (nh, nw), mode='nearest'))
+        fill = 0.0 if key in ('image', 'normals') else IGNORE
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=fill)
+        x = x[..., top:top + H, left:left + W]
+        out[key] = x.reshape(*v.shape[:-2], H, W).to(v.dtype)
+    if float(torch.rand(())) < 0.5:
+        out = hflip(out)
+    out['image'] = photometric_distortion(out['image'])
+    return out
+
+
 def random_augment(sample, use_scale_crop):
     """Random MTAN scale-crop (optional) then a random horizontal flip, drawn from the global torch
     RNG (DataLoader workers seed it from the loader's generator, so runs are reproducible)."""
@@ -505,8 +567,10 @@ def _normals_valid_classes(root):
 
 
 class PASCALContext(Dataset):
-    """PASCAL-Context multitask (PASCAL_MT). Images (at most 500 px a side) are padded at the bottom and
-    right to `size` (int or (h, w)); ignore values fill the padding. An image larger than `size` is
+    """PASCAL-Context multitask (PASCAL_MT). Training samples (augment=True) go through the authors'
+    augmentation (`pascal_augment`: scale, pad, crop to `size`, flip, photometric distortion). Otherwise
+    images (at most 500 px a side) are padded at the bottom and right to `size` (int or (h, w)); ignore
+    values fill the padding. An image larger than `size` is
     first resized (longer side fits, aspect kept). To map a prediction back to the original image,
     crop its top-left round(h*s) x round(w*s), s = min(1, size_h/h, size_w/w), and resize that to
     (h, w) = sample['meta']['size'] (see `restore_size`)."""
@@ -615,10 +679,7 @@ class PASCALContext(Dataset):
         sample = {}
         for key, x in arrays.items():
             sample[key] = torch.from_numpy(x) if x.ndim == 2 else _chw(x)
-        if self.augment:
-            if float(torch.rand(())) < 0.5:
-                sample = hflip(sample)
-        sample = self._to_size(sample)
+        sample = pascal_augment(sample, self.size) if self.augment else self._to_size(sample)
         sample['meta'] = {'id': self.ids[i], 'size': tuple(int(v) for v in shape)}
         return sample
 

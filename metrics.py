@@ -56,6 +56,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = 255           # seg / saliency / edge label to skip
 EDGE_POS_WEIGHT = 0.95       # weight of the positive (edge) term of the edge loss, as MTI-Net / ATRC
 NORMALS_EPS = 1e-12          # eps of the prediction normalisation (F.normalize's default)
+DEPTH_EVAL_MIN = 1e-9        # depth predictions <= 0 are evaluated as this (the authors' eval_depth)
 NORMALS_BIN_DEG = 0.001      # histogram resolution of the normals median, degrees
 NORMALS_BINS = 180_000       # 180 / 0.001 bins over [0, 180]
 NORMALS_WITHIN = (11.25, 22.5, 30.0)
@@ -120,14 +121,26 @@ def depth_loss(pred, target):
     return err.sum() / valid.sum().clamp(min=1)
 
 
-def normals_loss(pred, target):
-    """1 - mean cosine between the normalised prediction and the (unit) target, over valid pixels.
-    pred (B, 3, H, W) unnormalised, target (B, 3, H, W); an all-zero target vector is invalid."""
+NORMALS_LOSSES = ('cosine', 'l1')
+
+
+def normals_loss(pred, target, form='cosine'):
+    """Loss of the normalised prediction against the (unit) target over valid pixels (an all-zero target
+    vector is invalid). pred (B, 3, H, W) unnormalised, target (B, 3, H, W).
+    'cosine': mean over valid pixels of 1 - cos (the CTAL authors' CNN code, NYUv2 / Cityscapes).
+    'l1': sum over the 3 channels of |n^ - g|, averaged over valid pixels (the CTAL authors' transformer
+    code on PASCAL-Context, inherited from ATRC / MTI-Net)."""
     _check('normals', pred, target)
     valid = (target != 0).any(dim=1)                                            # (B, H, W)
-    cos = (F.normalize(pred.float(), dim=1, eps=NORMALS_EPS) * target).sum(1)   # (B, H, W)
-    # mean of (1 - cos) over valid pixels == 1 - mean cos, but stays 0 when there is no valid pixel
-    return torch.where(valid, 1 - cos, 0.0).sum() / valid.sum().clamp(min=1)
+    unit = F.normalize(pred.float(), dim=1, eps=NORMALS_EPS)                    # (B, 3, H, W)
+    if form == 'cosine':
+        err = 1 - (unit * target).sum(1)                                        # (B, H, W)
+    elif form == 'l1':
+        err = (unit - target).abs().sum(1)
+    else:
+        raise ValueError(f"normals_loss={form!r}: expected one of {NORMALS_LOSSES}")
+    # mean over valid pixels, but 0 (not NaN) when there is no valid pixel
+    return torch.where(valid, err, 0.0).sum() / valid.sum().clamp(min=1)
 
 
 def _balanced_bce_sum(logits, target, pos_weight=None):
@@ -168,10 +181,13 @@ TASK_LOSS = {
 }
 
 
-def task_loss(task, pred, target):
-    """The loss of `task` (a key of TASK_LOSS) on a prediction at target resolution: a scalar tensor."""
+def task_loss(task, pred, target, normals_form='cosine'):
+    """The loss of `task` (a key of TASK_LOSS) on a prediction at target resolution: a scalar tensor.
+    normals_form: the form of the normals loss ('cosine' | 'l1', see `normals_loss`)."""
     if task not in TASK_LOSS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_LOSS)}")
+    if task == 'normals':
+        return normals_loss(pred, target, normals_form)
     return TASK_LOSS[task](pred, target)
 
 
@@ -251,7 +267,8 @@ class SegmentationMeter(Meter):
 
 
 class DepthMeter(Meter):
-    """abs_err, rel_err (a ratio) and rmse over pixels with valid depth (target != 0)."""
+    """abs_err, rel_err (a ratio) and rmse over pixels with valid depth (target != 0). As in the authors'
+    evaluation code, predictions <= 0 are replaced by 1e-9 first."""
 
     def __init__(self):
         super().__init__(abs_sum=(), rel_sum=(), sq_sum=(), count=())
@@ -261,6 +278,7 @@ class DepthMeter(Meter):
         _check('depth', pred, target, 1)
         valid = target != 0
         p, g = pred.double()[valid], target.double()[valid]
+        p = torch.where(p <= 0, DEPTH_EVAL_MIN, p)
         err = (p - g).abs()
         self._add(abs_sum=err.sum(), rel_sum=(err / g).sum(), sq_sum=(err * err).sum(),
                   count=valid.sum())

@@ -49,7 +49,8 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 
 from data import DATASET_TASKS, build_dataset, make_synthetic
-from metrics import LOSS_WEIGHTS, STL_REFERENCE, TASK_METRIC, build_meters, delta_m, task_loss
+from baselines import FPM_SOFTMAXES, PAP_AFFINITIES
+from metrics import LOSS_WEIGHTS, NORMALS_LOSSES, STL_REFERENCE, TASK_METRIC, build_meters, delta_m, task_loss
 from model import BACKBONES, MODEL_NAMES, build_model
 
 _names_before_defaults = set(globals())
@@ -73,6 +74,8 @@ gamma = 0.05
 ctal_impl = 'auto'            # auto | dense | linear (same parameters, same numbers)
 ctal_fusion = 'shared'        # shared | task
 pap_iters = 1
+pap_affinity = 'code'         # code (the CTAL authors' PAP-Net) | paper (PAP-Net's text): baselines.pap_affinity
+fpm_softmax = 'code'          # code (MTI-Net's code) | paper (MTI-Net Sec. 2.4): baselines.fpm_softmax
 pretrained = None             # local backbone checkpoint file; None = random init
 # optimisation
 epochs = 200
@@ -84,6 +87,7 @@ restart_period = None         # cosine_restarts: T_0 in epochs; None = epochs //
 restart_mult = 2              # cosine_restarts: T_mult
 grad_clip = 0.0               # max gradient norm; 0 = off
 loss_weights = None           # None = metrics.LOSS_WEIGHTS[dataset]; or {task: weight}
+normals_loss = 'cosine'       # cosine (1 - cos, the authors' CNN code) | l1 (their PASCAL transformer code)
 max_iters = 0                 # > 0: stop each epoch after this many steps (quick tests)
 # evaluation, logging, output
 eval_interval = 1             # epochs between evaluations (the last epoch is always evaluated)
@@ -230,6 +234,9 @@ def check_config(cfg):
     choice('scheduler', SCHEDULERS)
     choice('ctal_impl', CTAL_IMPLS)
     choice('ctal_fusion', CTAL_FUSIONS)
+    choice('pap_affinity', PAP_AFFINITIES)
+    choice('fpm_softmax', FPM_SOFTMAXES)
+    choice('normals_loss', NORMALS_LOSSES)
     for key in ('epochs', 'batch_size', 'eval_interval', 'log_interval', 'n_train', 'n_val', 'pap_iters',
                 'restart_mult'):
         at_least(key, 1)
@@ -430,17 +437,17 @@ def to_device(batch, device):
 
 # ------------------------------------------------------------------------------------------ loss
 
-def compute_losses(out, batch, tasks):
+def compute_losses(out, batch, tasks, normals_form='cosine'):
     """Per task L_initial + L_final (SPEC 5): a dict task -> scalar tensor. 'initial' holds a tensor, or
     for the multi-scale models a list of per-scale predictions (their mean loss), or nothing (stl/mtl)."""
     losses = {}
     for t in tasks:
-        loss = task_loss(t, out[t], batch[t])
+        loss = task_loss(t, out[t], batch[t], normals_form)
         initial = out['initial'].get(t)
         if isinstance(initial, (list, tuple)):
-            loss = loss + sum(task_loss(t, p, batch[t]) for p in initial) / len(initial)
+            loss = loss + sum(task_loss(t, p, batch[t], normals_form) for p in initial) / len(initial)
         elif initial is not None:
-            loss = loss + task_loss(t, initial, batch[t])
+            loss = loss + task_loss(t, initial, batch[t], normals_form)
         losses[t] = loss
     return losses
 
@@ -476,7 +483,8 @@ def evaluate(model, val_set, cfg, device, rank, world):
         for t in tasks:
             pred = out[t].float()
             meters[t].update(pred, batch[t])
-            loss_sum[0] += cfg['loss_weights'][t] * float(task_loss(t, pred, batch[t])) * len(pred)
+            loss = task_loss(t, pred, batch[t], cfg['normals_loss'])
+            loss_sum[0] += cfg['loss_weights'][t] * float(loss) * len(pred)
         loss_sum[1] += len(batch['image'])
     for m in meters.values():
         m.all_reduce()
@@ -737,7 +745,8 @@ def train(cfg):
         tasks = {t: DATASET_TASKS[cfg['dataset']][t] for t in cfg['tasks']}
         net = build_model(cfg['model'], tasks, size, backbone=cfg['backbone'], scale=cfg['scale'],
                           gamma=cfg['gamma'], ctal_impl=cfg['ctal_impl'], ctal_fusion=cfg['ctal_fusion'],
-                          pretrained=cfg['pretrained'], pap_iters=cfg['pap_iters'])
+                          pretrained=cfg['pretrained'], pap_iters=cfg['pap_iters'],
+                          pap_affinity=cfg['pap_affinity'], fpm_softmax=cfg['fpm_softmax'])
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(str(e)) from e
     net.to(device)
@@ -841,7 +850,7 @@ def train(cfg):
                         raise
                     with autocast(cfg, device):
                         out = model(batch['image'])
-                    losses = compute_losses(out, batch, cfg['tasks'])
+                    losses = compute_losses(out, batch, cfg['tasks'], cfg['normals_loss'])
                     # per-task losses, mean over ranks: logging, and every rank sees a NaN anywhere
                     shared = all_reduce_sum(torch.stack([l.detach().float() for l in losses.values()]))
                     values = {t: v / world for t, v in zip(cfg['tasks'], shared.tolist())}

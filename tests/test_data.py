@@ -400,28 +400,65 @@ def test_pascal_task_subset_semseg_fallback_and_collate(tmp_path):
         data.build_dataset('pascal', root, 'val', ('semseg',), scale_crop=True)
 
 
-def test_pascal_flip_and_large_image_resize(tmp_path):
+def test_pascal_augmentation_flip_and_centred_padding(tmp_path, monkeypatch):
+    """The authors' PASCAL augmentation with the scale fixed to 1 and no photometric step: the 40x64
+    sample is padded centred to 64x64 (12 rows above and below), then flipped or not, every task alike."""
     root = str(tmp_path / 'PASCAL_MT')
     write_pascal_sample(root, 'big', (40, 64), np.random.default_rng(2))
-    plain = data.PASCALContext(root, size=64)[0]
+    plain = data.PASCALContext(root, size=64)[0]                       # val path: padded bottom/right
+    monkeypatch.setattr(data, 'PASCAL_SCALE_RANGE', (1.0, 1.0))
+    monkeypatch.setattr(data, 'photometric_distortion', lambda image: image)
     ds = data.PASCALContext(root, size=64, augment=True)
     flips = 0
     for seed in range(8):
         torch.manual_seed(seed)
         s = ds[0]
-        if torch.equal(s['semseg'], plain['semseg']):
+        assert s['image'].shape == (3, 64, 64) and s['semseg'].shape == (64, 64)
+        assert (s['semseg'][:12] == 255).all() and (s['semseg'][52:] == 255).all()
+        assert (s['normals'][:, :12] == 0).all() and (s['image'][:, 52:] == 0).all()
+        mid_seg, mid_n = s['semseg'][12:52], s['normals'][:, 12:52]
+        if torch.equal(mid_seg, plain['semseg'][:40]):
+            assert torch.equal(mid_n, plain['normals'][:, :40])
             continue
         flips += 1
-        # flipped before padding: the valid 40x64 block is mirrored in place
-        assert torch.equal(s['semseg'][:40], plain['semseg'][:40].flip(-1))
-        assert torch.equal(s['normals'][0, :40], -plain['normals'][0, :40].flip(-1))
-        assert torch.equal(s['normals'][1:, :40], plain['normals'][1:, :40].flip(-1))
+        assert torch.equal(mid_seg, plain['semseg'][:40].flip(-1))
+        assert torch.equal(mid_n[0], -plain['normals'][0, :40].flip(-1))           # x negated
+        assert torch.equal(mid_n[1:], plain['normals'][1:, :40].flip(-1))
+        assert torch.equal(s['edge'][:, 12:52], plain['edge'][:, :40].flip(-1))
     assert 0 < flips < 8
     small = data.PASCALContext(root, size=32)[0]      # 40x64 > 32: resized to 20x32, then padded
     assert small['image'].shape == (3, 32, 32) and small['meta']['size'] == (40, 64)
     assert (small['semseg'][20:] == 255).all() and (small['semseg'][:20] != 255).any()
     assert data.restore_size(small['image'], (40, 64), 32).shape == (3, 40, 64)
     assert torch.equal(data.restore_size(plain['semseg'], (40, 64), 64), plain['semseg'][:40])
+
+
+def test_pascal_augmentation_scales_crops_and_distorts(tmp_path):
+    root = str(tmp_path / 'PASCAL_MT')
+    write_pascal_sample(root, 'big', (40, 64), np.random.default_rng(2))
+    plain = data.PASCALContext(root, size=64)[0]
+    ds = data.PASCALContext(root, size=48, augment=True)
+    labels = set(plain['semseg'].unique().tolist()) | {255}
+    vectors = lambda n: set(map(tuple, n.flatten(1).T.tolist()))                  # {(x, y, z)} of a map
+    mirrored = plain['normals'] * torch.tensor([-1.0, 1, 1]).view(3, 1, 1)
+    normals = vectors(plain['normals']) | vectors(mirrored)
+    images = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        s = ds[0]
+        assert s['image'].shape == (3, 48, 48) and s['semseg'].shape == (48, 48)
+        assert set(s['semseg'].unique().tolist()) <= labels                          # nearest: no new labels
+        assert vectors(s['normals']) <= normals                                      # nearest (or mirrored)
+        assert 0 <= s['image'].min() and s['image'].max() <= 1
+        torch.manual_seed(seed)
+        again = ds[0]
+        assert all(torch.equal(s[k], again[k]) for k in ('image', 'semseg', 'normals'))   # seeded
+        images.append(s['image'])
+    assert len({round(float(x.mean()), 6) for x in images}) == 6                   # every draw differs
+    torch.manual_seed(0)
+    x = torch.rand(3, 8, 8)
+    changed = [not torch.equal(data.photometric_distortion(x), x) for _ in range(8)]
+    assert any(changed)
 
 
 def test_pascal_normals_classes_from_release_json(pascal):

@@ -60,6 +60,22 @@ def test_normals_loss_by_hand():
     assert task_loss('normals', pred, target).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_normals_l1_loss_by_hand():
+    """The authors' PASCAL form: sum over x, y, z of |n^ - g|, averaged over the valid pixels."""
+    r = 1 / math.sqrt(2)
+    pairs = [((2, 0, 0), (1, 0, 0)), ((0, 3, 0), (1, 0, 0)), ((0, 0, -1), (0, 0, 1)),
+             ((7, 7, 7), (0, 0, 0)), ((1, 1, 0), (1, 0, 0))]
+    pred = torch.tensor([p for p, _ in pairs], dtype=torch.float64).T.reshape(1, 3, 1, 5)
+    target = torch.tensor([g for _, g in pairs], dtype=torch.float64).T.reshape(1, 3, 1, 5)
+    # per valid pixel: 0; |0-1| + |1-0| = 2; |-1-1| = 2; (invalid); |r-1| + r
+    expected = (0 + 2 + 2 + (1 - r) + r) / 4
+    assert task_loss('normals', pred, target, 'l1').item() == pytest.approx(expected, rel=1e-12)
+    assert task_loss('normals', pred, target).item() != pytest.approx(expected)       # default: cosine
+    assert task_loss('normals', pred, torch.zeros_like(target), 'l1').item() == 0.0
+    with pytest.raises(ValueError, match="'cosine', 'l1'"):
+        task_loss('normals', pred, target, 'l2')
+
+
 # positives: logits 0, ln3; negatives: logits 0, ln3, -ln3; the ignored pixel (255) has logit 100
 SAL_TARGET = [[1., 0, 0], [1, 255, 0]]
 SAL_LOGITS = [[0., 0, LN3], [LN3, 100, -LN3]]
@@ -176,6 +192,16 @@ def test_depth_meter_by_hand():
     assert out['abs_err'] == pytest.approx((0 + 1 + 1 + 2) / 4)
     assert out['rel_err'] == pytest.approx((0 + 1 / 2 + 1 / 4 + 2 / 8) / 4)
     assert out['rmse'] == pytest.approx(math.sqrt((0 + 1 + 1 + 4) / 4))
+
+
+def test_depth_meter_evaluates_non_positive_predictions_as_1e_9():
+    meter = build_meters({'depth': 1})['depth']
+    meter.update(img([[-1., 0], [2, 3]]).double(), img([[2., 4], [0, 3]]).double())
+    out = meter.compute()
+    e = 1e-9                                        # as the authors' eval: -1 and 0 count as 1e-9
+    assert out['abs_err'] == pytest.approx(((2 - e) + (4 - e) + 0) / 3, rel=1e-12)
+    assert out['rel_err'] == pytest.approx(((2 - e) / 2 + (4 - e) / 4) / 3, rel=1e-12)
+    assert out['rmse'] == pytest.approx(math.sqrt(((2 - e) ** 2 + (4 - e) ** 2) / 3), rel=1e-12)
 
 
 def test_normals_meter_by_hand():
