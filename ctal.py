@@ -31,7 +31,7 @@ Z_t[(n, c, d), p] = w_t[p, n, d] f̂_n(p)[c] has the same shape. Then the whole 
   K = V U^T   (T*C, T*C*k^2)     then     D = K Z + outer(sum_q V, b)     (T*C, HW)
 
 O(HW T^2 k^2 C^2) time, O(HW T C k^2) memory. At 72 x 96, C = 128, T = 3, k = 3 that is about half
-the FLOPs of the dense form; at 1/6 and 1/8 the dense form is cheaper (see `choose_impl`). The backward
+the FLOPs of the dense form; at 1/6 and 1/8 the dense form needs fewer (`choose_impl` picks per device). The backward
 pass recomputes U and Z (cheap reshapes and products) instead of keeping them, so the only
 activations saved are f̂, V and the small K.
 
@@ -45,20 +45,33 @@ IMPLS = ("auto", "dense", "linear")
 FUSIONS = ("shared", "task")
 
 
-def choose_impl(num_tasks, channels, size, kernel_size=3, fusion="shared"):
-    """'dense' or 'linear', whichever needs fewer multiply-adds per image for these shapes.
+# per FLOP, how much slower the dense form runs than the linear one: PyTorch's CPU backward of a grouped
+# conv with thousands of groups runs far below GEMM speed (measurements in `choose_impl`)
+DENSE_COST_PER_FLOP = {"cpu": 2.0}
 
-    Both share normalisation, projections and the blend; they differ in the core:
+
+def choose_impl(num_tasks, channels, size, kernel_size=3, fusion="shared", device="cuda"):
+    """What impl='auto' runs on a device of type `device` ('cpu', 'cuda', ...): 'dense' or 'linear'.
+
+    The one with the lower cost = multiply-adds per image x the device's cost per FLOP. Both share
+    normalisation, projections and the blend; they differ in the core:
       dense:  A_t (T C HW^2) + grouped conv (m T k^2 HW^2) + diffusion (T C HW^2)
       linear: K = V U^T (T^2 k^2 C^2 HW) + K Z (T^2 k^2 C^2 HW)
-    so linear wins when HW > 2 T k^2 C^2 / (2 C + m k^2). For T = 3, C = 128, k = 3, shared
-    fusion the break-even is HW ~ 3,338: NYUv2 at 1/4 (72 x 96 = 6,912) -> linear, at 1/6
-    (48 x 64 = 3,072) and 1/8 (36 x 48 = 1,728) -> dense. The backward pass costs about twice the
-    forward for both, so the same rule holds for training. (Memory always favours linear.)
+    With dense costing r times more per FLOP, linear wins when HW > 2 T k^2 C^2 / (r (2 C + m k^2)).
+    GPUs (r = 1): for T = 3, C = 128, k = 3, shared fusion the break-even is HW ~ 3,338: NYUv2 at 1/4
+    (72 x 96 = 6,912) -> linear, at 1/6 (48 x 64 = 3,072) and 1/8 (36 x 48 = 1,728) -> dense.
+    CPU (r = 2): break-even HW ~ 1,669, so linear from NYUv2 1/8 up, dense on small maps. Measured fwd +
+    bwd on a 2-core CPU (C = 128, T = 3, batch 2, fp32; time dense / time linear, FLOP ratio):
+      9x12 0.26 (0.03) · 16x16 0.33 (0.08) · 24x32 0.80 (0.23) · 36x48 1.00 (0.52) · 48x64 2.01 (0.92)
+      · 72x96 4.4 (2.07)
+    i.e. about twice the FLOP ratio once the maps are large enough for the GEMMs to dominate.
+    The backward pass costs about twice the forward for both, so the same rule holds for training
+    (memory always favours linear). The choice depends only on the shapes and the device type, so a
+    run, and its resume, always makes the same one.
     """
     T, C, k, hw = num_tasks, channels, kernel_size, size[0] * size[1]
     m = T if fusion == "task" else 1
-    dense = hw * hw * (2 * T * C + m * T * k * k)
+    dense = hw * hw * (2 * T * C + m * T * k * k) * DENSE_COST_PER_FLOP.get(device, 1.0)
     linear = 2 * T * T * k * k * C * C * hw
     return "linear" if linear < dense else "dense"
 
@@ -91,12 +104,21 @@ class CTAL(nn.Module):
                                 groups=hw)
         self.projection = nn.ModuleList(
             nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_tasks))
-        self.impl = choose_impl(num_tasks, channels, size, kernel_size, fusion) if impl == "auto" else impl
+        self.impl = impl                      # 'auto' is resolved per device in forward (`impl_for`)
+
+    def impl_for(self, device):
+        """The implementation this module runs on `device` (a torch.device or its type string)."""
+        if self.impl != "auto":
+            return self.impl
+        kind = device if isinstance(device, str) else device.type
+        return choose_impl(self.num_tasks, self.channels, self.size, self.kernel_size, self.fusion_mode, kind)
 
     def extra_repr(self):
+        impl = (f"'auto' (cpu: {self.impl_for('cpu')}, cuda: {self.impl_for('cuda')})" if self.impl == "auto"
+                else repr(self.impl))
         return (f"tasks={self.num_tasks}, channels={self.channels}, size={self.size}, "
                 f"kernel_size={self.kernel_size}, gamma={self.gamma}, fusion={self.fusion_mode!r}, "
-                f"impl={self.impl!r}")
+                f"impl={impl}")
 
     def forward(self, feats):
         keys = list(feats) if isinstance(feats, dict) else None
@@ -106,7 +128,7 @@ class CTAL(nn.Module):
         x = torch.stack(xs, 1)                                               # (B, T, C, h, w)
         f_hat = F.normalize(x, dim=2).flatten(3)                             # (B, T, C, HW)
         v = torch.stack([proj(xi) for proj, xi in zip(self.projection, xs)], 1).flatten(3)
-        if self.impl == "dense":
+        if self.impl_for(x.device) == "dense":
             d = dense_diffusion(f_hat, v, self.fusion.weight, self.fusion.bias, (h, w))
         else:
             d = LinearDiffusion.apply(f_hat, v, self.fusion.weight, self.fusion.bias, (h, w))

@@ -537,7 +537,8 @@ def check_arguments(name, tasks, img_size, backbone, pap_iters, pap_affinity, fp
 
 
 def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.05, ctal_impl='auto',
-                ctal_fusion='shared', pretrained=None, pap_iters=1, pap_affinity='code', fpm_softmax='code'):
+                ctal_fusion='shared', pretrained=None, pap_iters=1, pap_affinity='code', fpm_softmax='code',
+                hrnet_bn_momentum=HRNET_BN_MOMENTUM):
     """Build model `name` for `tasks` (dict task -> output channels, in canonical order) at img_size (H, W).
 
     scale: CTAL's distillation scale (ctal_ss/ctal_ms on HRNet; see `distillation_size`); gamma,
@@ -547,11 +548,26 @@ def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.
     pap_iters: PAP-Net propagation iterations; pap_affinity ('code' | 'paper'): PAP-Net's affinity
     normalisation (baselines.pap_affinity); fpm_softmax ('code' | 'paper'): the MTI-Net FPM mask of
     mtinet / ctal_ms (baselines.fpm_softmax). 'code' = the authors' code, the default everywhere.
+    hrnet_bn_momentum: momentum of the HRNet backbone's BatchNorms (theirs: 0.01). It changes only how
+    fast the running statistics follow training, not the function; runs of a few hundred steps need
+    a larger one (0.1, timm's) for their eval-mode statistics to catch up.
     Arguments a model does not use are ignored.
     """
     img_size = tuple(img_size)
     check_arguments(name, tasks, img_size, backbone, pap_iters, pap_affinity, fpm_softmax)
-    tasks = dict(tasks)
+    if not 0 < hrnet_bn_momentum <= 1:
+        raise ValueError(f"hrnet_bn_momentum must be in (0, 1], got {hrnet_bn_momentum!r}")
+    model = build_architecture(name, dict(tasks), img_size, backbone, scale, gamma, ctal_impl, ctal_fusion,
+                               pretrained, pap_iters, pap_affinity, fpm_softmax)
+    for bn in (m for b in model.modules() if isinstance(b, HRNetBackbone) for m in b.modules()):
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = hrnet_bn_momentum
+    return model
+
+
+def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl, ctal_fusion, pretrained,
+                       pap_iters, pap_affinity, fpm_softmax):
+    """The model `name` with checked arguments (see build_model)."""
     if name == 'stl':
         return SingleTask(tasks, img_size, backbone, pretrained)
     if name == 'mtl':

@@ -307,7 +307,7 @@ def run_ctal_benchmark(args):
     size = scaled_size(NYUV2_SIZE, args.scale)
     print(f"CTAL forward+backward on {device}: input {NYUV2_SIZE[0]}x{NYUV2_SIZE[1]}, scale "
           f"{args.scale} -> map {size[0]}x{size[1]} (HW = {size[0] * size[1]}), C={C}, T={T}, "
-          f"batch {args.batch}; auto picks {choose_impl(T, C, size)!r}")
+          f"batch {args.batch}; auto picks {choose_impl(T, C, size, device=torch.device(device).type)!r}")
     rows = {impl: run_measurement("ctal_step_stats", device, impl=impl, size=list(size), batch=args.batch,
                                   channels=C, tasks=T, iters=args.iters)
             for impl in ("dense", "linear")}

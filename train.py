@@ -50,6 +50,7 @@ from PIL import Image, ImageDraw
 
 from data import DATASET_TASKS, build_dataset, make_synthetic
 from baselines import FPM_SOFTMAXES, PAP_AFFINITIES
+from ctal import CTAL
 from metrics import LOSS_WEIGHTS, NORMALS_LOSSES, STL_REFERENCE, TASK_METRIC, build_meters, delta_m, task_loss
 from model import BACKBONES, MODEL_NAMES, build_model
 
@@ -76,6 +77,7 @@ ctal_fusion = 'shared'        # shared | task
 pap_iters = 1
 pap_affinity = 'code'         # code (the CTAL authors' PAP-Net) | paper (PAP-Net's text): baselines.pap_affinity
 fpm_softmax = 'code'          # code (MTI-Net's code) | paper (MTI-Net Sec. 2.4): baselines.fpm_softmax
+hrnet_bn_momentum = 0.01      # the authors' HRNet BN momentum; short runs need 0.1 (see model.build_model)
 pretrained = None             # local backbone checkpoint file; None = random init
 # optimisation
 epochs = 200
@@ -746,13 +748,17 @@ def train(cfg):
         net = build_model(cfg['model'], tasks, size, backbone=cfg['backbone'], scale=cfg['scale'],
                           gamma=cfg['gamma'], ctal_impl=cfg['ctal_impl'], ctal_fusion=cfg['ctal_fusion'],
                           pretrained=cfg['pretrained'], pap_iters=cfg['pap_iters'],
-                          pap_affinity=cfg['pap_affinity'], fpm_softmax=cfg['fpm_softmax'])
+                          pap_affinity=cfg['pap_affinity'], fpm_softmax=cfg['fpm_softmax'],
+                          hrnet_bn_momentum=cfg['hrnet_bn_momentum'])
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(str(e)) from e
     net.to(device)
     n_params = sum(p.numel() for p in net.parameters())
     say(f"{cfg['model']} ({cfg['backbone']}): {n_params / 1e6:.2f} M parameters, input {size[0]}x{size[1]}; "
         f"{cfg['dataset']}: {len(train_set)} train / {len(val_set)} val; device {device}, {world} process(es)")
+    for m in net.modules():
+        if isinstance(m, CTAL):           # what impl='auto' resolved to on this device (fixed for the run)
+            say(f"CTAL at {m.size[0]}x{m.size[1]}: impl {m.impl!r} -> {m.impl_for(device)}")
     model = net
     if world > 1:
         if cfg['sync_bn']:

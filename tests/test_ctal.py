@@ -173,13 +173,35 @@ def test_fusion_parameter_counts_match_the_papers():
     assert sum(p.numel() for p in ctal.projection.parameters()) == 3 * (128 * 128 * 9 + 128)
 
 
-def test_auto_picks_the_cheaper_implementation():
-    # NYUv2 at 1/4, 1/6, 1/8 with C = 128, T = 3 (break-even near HW = 3,338, see choose_impl)
-    assert choose_impl(3, 128, (72, 96)) == "linear"
-    assert choose_impl(3, 128, (48, 64)) == "dense"
-    assert choose_impl(3, 128, (36, 48)) == "dense"
-    assert CTAL(3, 128, (72, 96)).impl == "linear" and CTAL(3, 128, (36, 48)).impl == "dense"
-    assert CTAL(3, 128, (36, 48), impl="linear").impl == "linear"
+def test_auto_picks_the_cheaper_implementation_per_device():
+    # GPUs: the FLOP rule; NYUv2 at 1/4, 1/6, 1/8 with C = 128, T = 3 (break-even near HW = 3,338)
+    assert choose_impl(3, 128, (72, 96), device="cuda") == "linear"
+    assert choose_impl(3, 128, (48, 64), device="cuda") == "dense"
+    assert choose_impl(3, 128, (36, 48), device="cuda") == "dense"
+    # the break-even written out: HW > 2 T k^2 C^2 / (2 C + m k^2) = 884736 / 265 = 3338.6
+    assert choose_impl(3, 128, (1, 3338), device="cuda") == "dense"
+    assert choose_impl(3, 128, (1, 3339), device="cuda") == "linear"
+    # CPU: dense costs twice as much per FLOP, so the break-even halves to 1669.3 (measured in the docstring)
+    assert choose_impl(3, 128, (1, 1669), device="cpu") == "dense"
+    assert choose_impl(3, 128, (1, 1670), device="cpu") == "linear"
+    assert [choose_impl(3, 128, s, device="cpu") for s in [(9, 12), (24, 32), (36, 48), (48, 64), (72, 96)]] == \
+        ["dense", "dense", "linear", "linear", "linear"]
+    auto = CTAL(3, 128, (36, 48))
+    assert auto.impl == "auto" and auto.impl_for("cpu") == "linear" and auto.impl_for(torch.device("cuda")) == "dense"
+    assert "'auto' (cpu: linear, cuda: dense)" in repr(auto)
+    assert CTAL(3, 128, (36, 48), impl="dense").impl_for("cpu") == "dense"
+
+
+def test_auto_runs_the_linear_form_on_cpu_where_it_is_faster(monkeypatch):
+    torch.manual_seed(0)
+    auto = CTAL(2, 4, (4, 5)).double()                 # break-even: GPU HW > 576/17 = 33.9, CPU HW > 16.9
+    assert choose_impl(2, 4, (4, 5), device="cuda") == "dense" and choose_impl(2, 4, (4, 5), device="cpu") == "linear"
+    feats = [torch.randn(1, 4, 4, 5, dtype=torch.float64) for _ in range(2)]
+    calls = []
+    original = LinearDiffusion.apply
+    monkeypatch.setattr(LinearDiffusion, "apply", lambda *args: calls.append(1) or original(*args))
+    auto(feats)
+    assert calls == [1]
 
 
 def test_linear_keeps_no_hw_by_hw_activation():

@@ -373,6 +373,19 @@ def test_hrnet_batchnorm_momentum_is_the_authors_0_01():
     assert len(bns) > 100 and all(m.momentum == 0.01 for m in bns)
 
 
+def test_hrnet_bn_momentum_option_reaches_every_backbone_norm_and_nothing_else():
+    model = build_model('stl', CITY, (64, 128), hrnet_bn_momentum=0.1)
+    inside = [m for net in model.nets.values() for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert inside and all(m.momentum == 0.1 for m in inside)
+    heads = [m for net in model.nets.values() for m in net.heads.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert heads and all(m.momentum == 0.1 for m in heads)                   # torch's default, untouched
+    ss = build_model('ctal_ss', CITY, (64, 128), hrnet_bn_momentum=0.5)
+    assert {m.momentum for m in ss.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.5}
+    assert {m.momentum for m in ss.initial_heads.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+    with pytest.raises(ValueError, match='hrnet_bn_momentum'):
+        build_model('mtl', CITY, (64, 128), hrnet_bn_momentum=0)
+
+
 def test_hrnet_models_run_at_the_atrc_papers_nyud_size():
     model = build_model('mtinet', NYU, (425, 560)).eval()
     with torch.no_grad():

@@ -73,7 +73,7 @@ def test_auto_matches_the_cheaper_flop_count():
     dense = hw * hw * (4 * T * C + 2 * T * 9)
     linear = 4 * T * T * 9 * C * C * hw
     assert 1.8 < dense / linear < 2.3
-    assert CTAL(T, C, size).impl == "linear"
+    assert CTAL(T, C, size).impl_for("cuda") == CTAL(T, C, size).impl_for("cpu") == "linear"
 
 
 def test_cprofile_still_works_beside_profile_py():
