@@ -91,8 +91,16 @@ class CTAL(nn.Module):
             raise ValueError(f"CTAL fusion must be one of {FUSIONS}, got {fusion!r}")
         if impl not in IMPLS:
             raise ValueError(f"CTAL impl must be one of {IMPLS}, got {impl!r}")
+        for name, value in (("num_tasks", num_tasks), ("channels", channels), ("kernel_size", kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CTAL {name} must be a positive int, got {value!r}")
         if kernel_size % 2 != 1:
             raise ValueError(f"CTAL kernel_size must be odd (same-size grouped conv), got {kernel_size}")
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size)):
+            raise ValueError(f"CTAL size must be the feature map's (h, w), two positive ints, got {size!r}")
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"CTAL gamma must be in [0, 1] (out = gamma * D + (1 - gamma) * F), got {gamma!r}")
         h, w = size
         hw = h * w
         self.num_tasks, self.channels, self.size = num_tasks, channels, (h, w)
@@ -122,8 +130,9 @@ class CTAL(nn.Module):
 
     def forward(self, feats):
         keys = list(feats) if isinstance(feats, dict) else None
-        xs = [feats[key] for key in keys] if keys is not None else list(feats)
+        xs = [feats[key] for key in keys] if keys is not None else feats
         self._check_inputs(xs)
+        xs = list(xs)
         B, C, (h, w), T = xs[0].shape[0], self.channels, self.size, self.num_tasks
         x = torch.stack(xs, 1)                                               # (B, T, C, h, w)
         f_hat = F.normalize(x, dim=2).flatten(3)                             # (B, T, C, HW)
@@ -137,6 +146,9 @@ class CTAL(nn.Module):
         return dict(zip(keys, out)) if keys is not None else list(out)
 
     def _check_inputs(self, xs):
+        if torch.is_tensor(xs):
+            raise ValueError(f"CTAL takes a list (or dict) of {self.num_tasks} feature maps (B, C, h, w), one per "
+                             f"task, got a single tensor of shape {tuple(xs.shape)}")
         if len(xs) != self.num_tasks:
             raise ValueError(f"CTAL was built for {self.num_tasks} tasks but got {len(xs)} feature maps")
         for i, x in enumerate(xs):

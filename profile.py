@@ -98,6 +98,24 @@ def parse_scale(text):
     return scale
 
 
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def check_json_path(path):
+    """Fail before measuring, not after, when the --json file cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return f"--json {path!r}: cannot write there (expected a file path in an existing, writable folder)"
+    return None
+
+
 def scaled_size(size, scale):
     return round(size[0] * scale), round(size[1] * scale)
 
@@ -376,16 +394,16 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help=f"models to profile (default: all of the backbone's): {', '.join(MODEL_NAMES)}, "
                              f"and 'papnet x2' (two propagation iterations)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 8 for models, 2 for ctal)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 8 for models, 2 for ctal)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"])
     parser.add_argument("--ctal-impl", choices=["auto", "dense", "linear"], default="auto")
     parser.add_argument("--train", action="store_true", help="also time a forward+backward training step")
-    parser.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--iters", type=positive_int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--img-size", type=parse_size, help="override the dataset's input size, e.g. 64x96")
-    parser.add_argument("--val-images", type=int, help="override the size of the validation split")
-    parser.add_argument("--channels", type=int, default=128, help="(--module ctal) feature channels C")
-    parser.add_argument("--tasks", type=int, default=3, help="(--module ctal) number of tasks T")
+    parser.add_argument("--val-images", type=positive_int, help="override the size of the validation split")
+    parser.add_argument("--channels", type=positive_int, default=128, help="(--module ctal) feature channels C")
+    parser.add_argument("--tasks", type=positive_int, default=3, help="(--module ctal) number of tasks T")
     parser.add_argument("--fit-gb", type=float, default=0,
                         help="(--module ctal) also report the largest batch that fits in this many GB")
     parser.add_argument("--json", help="write the figures to this file")
@@ -395,11 +413,19 @@ def main(argv=None):
     for name in args.models or []:
         if name not in MODEL_NAMES and name != "papnet x2":
             parser.error(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}, 'papnet x2'")
+    if args.json and check_json_path(args.json):
+        parser.error(check_json_path(args.json))
     if args.module == "ctal":
         args.batch = args.batch or 2
         return run_ctal_benchmark(args)
+    if args.scale > Fraction(1, 4):
+        parser.error(f"--scale {args.scale}: the models distil at most at 1/4 of the input (e.g. 1/4, 1/6, 1/8); "
+                     f"--module ctal takes larger scales")
     args.batch = args.batch or 8
-    return run_model_table(args)
+    try:
+        return run_model_table(args)
+    except ValueError as e:                  # e.g. an --img-size a backbone cannot take
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -239,6 +239,17 @@ def test_wrong_inputs_are_clear_errors():
         ctal(ok[:2])
     with pytest.raises(ValueError, match="mismatched batch sizes"):
         ctal(ok[:2] + [torch.randn(1, 8, 6, 8)])
+    with pytest.raises(ValueError, match=r"a single tensor of shape \(2, 8, 6, 8\)"):
+        ctal(torch.randn(2, 8, 6, 8))
+    for kwargs, match in [(dict(num_tasks=0), "num_tasks must be a positive int, got 0"),
+                          (dict(channels=0), "channels must be a positive int, got 0"),
+                          (dict(size=(0, 8)), r"size must be .* got \(0, 8\)"),
+                          (dict(size=72), "size must be"), (dict(gamma=1.5), r"gamma must be in \[0, 1\]"),
+                          (dict(gamma=-0.1), "gamma must be in"), (dict(kernel_size=2), "must be odd")]:
+        args = dict(num_tasks=3, channels=8, size=(6, 8))
+        args.update(kwargs)
+        with pytest.raises(ValueError, match=match):
+            CTAL(**args)
     with pytest.raises(ValueError, match="impl must be one of"):
         CTAL(3, 8, (6, 8), impl="fast")
     with pytest.raises(ValueError, match="fusion must be one of"):
@@ -253,3 +264,16 @@ def test_checkpoint_loads_into_either_implementation():
     feats = [torch.randn(1, 4, 4, 4) for _ in range(2)]
     for x, y in zip(a(feats), b(feats)):
         assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_readme_snippet_runs_as_pasted():
+    """The README's 'CTAL in your own project' code block, with its three feature maps defined."""
+    import os
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    block = re.search(r"## CTAL in your own project.*?```python\n(.*?)```", readme, re.S).group(1)
+    feats = {name: torch.randn(1, 128, 72, 96) for name in ("f_seg", "f_depth", "f_normals")}
+    scope = dict(feats)
+    exec(block, scope)
+    assert isinstance(scope["refined"], dict) and set(scope["refined"]) == {"semseg", "depth", "normals"}
+    assert all(v.shape == (1, 128, 72, 96) for v in scope["refined"].values())

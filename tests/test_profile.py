@@ -87,3 +87,20 @@ def test_unknown_model_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         profile.main(["--models", "transformer"])
     assert "unknown model 'transformer'; valid: stl, mtl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
+    (["--module", "ctal", "--iters", "-1"], "argument --iters: expected a positive integer"),
+    (["--img-size", "abc"], "size must look like 96x128"),
+    (["--dataset", "pascal", "--models", "mtl", "--img-size", "100x100", "--iters", "1"],
+     "positive multiples of 32"),
+    (["--json", "/nonexistent-folder/x.json"], "cannot write there"),
+    (["--scale", "1/2"], "at most at 1/4"),
+])
+def test_bad_arguments_stop_with_a_message_before_measuring(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        profile.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
