@@ -647,6 +647,17 @@ def save_prediction_grid(model, val_set, cfg, device, path):
 
 # ------------------------------------------------------------------------------------------ checkpoint
 
+def json_safe(x):
+    """x with every NaN / inf float replaced by None, so the files written are valid JSON (null)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def save_checkpoint(path, state):
     """Write to path + '.tmp', then os.replace: a crash mid-write never leaves a truncated ckpt.pt."""
     tmp = path + '.tmp'
@@ -797,7 +808,7 @@ def train(cfg):
     def log(record):
         if master:
             with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
+                f.write(json.dumps(json_safe(record), allow_nan=False) + '\n')
 
     reference, why = load_reference(cfg)
     say(f"delta_m reference: {why}" if reference else f"delta_m: unavailable: {why}")
@@ -935,7 +946,7 @@ def train(cfg):
                'config': cfg}
     if master:
         with open(os.path.join(out_dir, 'results.json'), 'w') as f:
-            json.dump(results, f, indent=1)
+            json.dump(json_safe(results), f, indent=1, allow_nan=False)
         print_summary(results, why)
     return results
 

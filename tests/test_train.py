@@ -424,3 +424,9 @@ def test_pascal_five_tasks_with_swin(tmp_path):
     assert res['reference']['values'] == {t: train.STL_REFERENCE[('pascal', 'swinv2_s')][t] for t in tasks}
     assert math.isfinite(res['final']['delta_m'])
     assert Image.open(out / 'vis_epoch002.png').size == (11 * 130 - 2, 14 + 2 * 130 - 2)   # input + 5 x (GT, pred)
+
+
+def test_json_written_is_valid_json_nan_becomes_null():
+    record = {'a': float('nan'), 'b': [1.0, float('inf'), {'c': -float('inf')}], 'd': (2, 'x'), 'e': 0.5}
+    text = json.dumps(train.json_safe(record), allow_nan=False)
+    assert json.loads(text) == {'a': None, 'b': [1.0, None, {'c': None}], 'd': [2, 'x'], 'e': 0.5}
