@@ -14,7 +14,7 @@ torch RNG, so `torch.manual_seed` + a seeded DataLoader reproduce every batch) -
 
 All samples of a split have the same (H, W), so the default collate works.
 
-Formats (SPEC section 6):
+Formats (as the releases distribute them):
   NYUv2 / Cityscapes: MTAN's preprocessed .npy release, root/{train,val}/{image,label|label_19|label_7,
       depth,normal}/{i}.npy, labels with -1 = ignore (mapped to 255 here).
   PASCAL-Context: the PASCAL_MT folder of the ATRC / Multi-Task-Learning-PyTorch releases (jpg, png, mat;
@@ -201,7 +201,7 @@ def hflip(sample):
 
 def scale_crop(sample, scale, top, left):
     """MTAN's scale augmentation: crop an (H/scale, W/scale) window at (top, left) and resize it back to
-    (H, W). The scene then looks `scale` times closer, so depth is divided by `scale` (SPEC 6; for
+    (H, W). The scene then looks `scale` times closer, so depth is divided by `scale` (MTAN's augmentation; for
     Cityscapes' inverse depth this is MTAN's rule too, although the geometric rule would multiply).
     The image is resized bilinearly (align_corners=True, as MTAN); everything else nearest. MTAN resizes
     normals bilinearly, which blends invalid zero vectors into valid neighbours and shortens vectors;

@@ -6,11 +6,12 @@ Data flow (train.py is the only user):
               under DDP meters[t].all_reduce() once at the end; meters[t].compute() -> {name: float};
               delta_m({t: results[t][TASK_METRIC[t][0]]}, STL_REFERENCE[(dataset, backbone)]).
 Predictions are the raw model outputs at target resolution, (B, K, H, W): semseg / human_parts logits,
-depth values, unnormalised normals, saliency / edge logits. Targets follow SPEC section 2:
+depth values, unnormalised normals, saliency / edge logits. Targets follow the dataset conventions of data.py:
 semseg / human_parts int64 (B, H, W) with 255 = ignore; depth (B, 1, H, W) with 0 = invalid;
 normals (B, 3, H, W) with the all-zero vector = invalid; saliency / edge (B, 1, H, W) in {0, 1}, 255 = ignore.
 
-Definitions (SPEC section 5; the formulas are repeated next to the code that computes them):
+Definitions (the papers' metrics, CTAL paper Sec. 3.2 and its appendix; the formulas are repeated next
+to the code that computes them):
 Losses, each a mean over the valid pixels of the whole batch (a batch with no valid pixel gives an exact 0
 that is still attached to the graph, never NaN):
   semseg / human_parts  cross-entropy, 255 ignored.
@@ -33,7 +34,7 @@ the split is cut into batches or ranks; all_reduce sums them across processes):
   depth    over pixels with g != 0: abs_err = mean |p - g|, rel_err = mean |p - g| / g,
            rmse = sqrt(mean (p - g)^2). rel_err is a plain ratio, not a percentage (on the MTAN Cityscapes
            inverse depth it is ~30, which is what the papers print).
-  normals  angle = degrees(acos(clamp(<p/|p|, g>, -1, 1))) over valid pixels (g not normalised, as SPEC):
+  normals  angle = degrees(acos(clamp(<p/|p|, g>, -1, 1))) over valid pixels (g not normalised, as the authors' evaluation):
            mean, median, and the % of angles strictly below 11.25, 22.5, 30 degrees.
            The median is taken from a histogram of 0.001-degree bins over [0, 180]: it is the exact median
            (numpy convention: mean of the two middle values for an even count) of the angles quantised to
@@ -71,7 +72,7 @@ TASK_CHANNELS = {'depth': 1, 'normals': 3, 'saliency': 1, 'edge': 1}
 # ---------------------------------------------------------------------------------------------- checks
 
 def _check(task, pred, target, channels=None):
-    """Shapes and dtypes of SPEC section 2; pred must already be at target resolution."""
+    """Shapes and dtypes of the dataset conventions (data.py); pred must already be at target resolution."""
     if not torch.is_tensor(pred) or pred.dim() != 4:
         raise ValueError(f"{task}: prediction must be a (B, K, H, W) tensor, got "
                          f"{tuple(pred.shape) if torch.is_tensor(pred) else type(pred).__name__}")
@@ -191,7 +192,7 @@ def task_loss(task, pred, target, normals_form='cosine'):
     return TASK_LOSS[task](pred, target)
 
 
-# total loss = sum_t w_t * (L_initial_t + L_final_t)   (SPEC section 5)
+# total loss = sum_t w_t * (L_initial_t + L_final_t)   (CTAL paper Sec. 2, deep supervision)
 LOSS_WEIGHTS = {
     'nyuv2': {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0},
     'cityscapes': {'semseg': 1.0, 'depth': 10.0},

@@ -7,7 +7,7 @@
                                  # mtinet / ctal_ms: a list of 4, from scales [1/4, 1/8, 1/16, 1/32]
                                  # stl / mtl: 'initial' is {}
 
-Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 3, EMA-Net Sec. 3.4):
+Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
 
   stl      per task: HRNet -> HRHead                                  (T networks, nothing shared)
   mtl      HRNet -> per task HRHead                                   (hard parameter sharing)

@@ -56,7 +56,7 @@ from ctal import CTAL, choose_impl  # noqa: E402
 # make that second import circular.
 
 NYUV2_SIZE = (288, 384)
-# input size, validation images and backbone of each dataset (SPEC sections 4 and 6)
+# input size, validation images and backbone of each dataset (the papers' settings, CTAL paper Sec. 3.1)
 DATASETS = {
     'nyuv2': dict(size=(288, 384), val_images=654, backbone='hrnet18'),
     'cityscapes': dict(size=(128, 256), val_images=500, backbone='hrnet18'),

@@ -440,7 +440,7 @@ def to_device(batch, device):
 # ------------------------------------------------------------------------------------------ loss
 
 def compute_losses(out, batch, tasks, normals_form='cosine'):
-    """Per task L_initial + L_final (SPEC 5): a dict task -> scalar tensor. 'initial' holds a tensor, or
+    """Per task L_initial + L_final (deep supervision, CTAL paper Sec. 3.3): a dict task -> scalar tensor. 'initial' holds a tensor, or
     for the multi-scale models a list of per-scale predictions (their mean loss), or nothing (stl/mtl)."""
     losses = {}
     for t in tasks:
@@ -571,7 +571,7 @@ PALETTE = _palette(256)
 
 
 def colour_target(task, target):
-    """A ground-truth map (SPEC 2 conventions) as RGB uint8 (H, W, 3); ignored / invalid pixels black."""
+    """A ground-truth map (data.py conventions) as RGB uint8 (H, W, 3); ignored / invalid pixels black."""
     x = target.float().cpu()
     if task in ('semseg', 'human_parts'):
         labels = x.long().numpy()

@@ -1,4 +1,5 @@
-# Cityscapes (MTAN .npy, 128x256, 2975 train / 500 val, 19 classes), HRNet-18, SPEC section 7 recipe.
+# Cityscapes (MTAN .npy, 128x256, 2975 train / 500 val, 19 classes), HRNet-18,
+# the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
 dataset = 'cityscapes'
 data_root = 'data/cityscapes'
 model = 'papnet'

@@ -1,4 +1,5 @@
-# NYUv2 (MTAN .npy, 288x384, 795 train / 654 val), HRNet-18, SPEC section 7 recipe.
+# NYUv2 (MTAN .npy, 288x384, 795 train / 654 val), HRNet-18,
+# the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
 dataset = 'nyuv2'
 data_root = 'data/nyuv2'
 model = 'stl'

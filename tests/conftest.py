@@ -1,11 +1,15 @@
-"""pytest setup: tests marked `slow` (big inputs, whole models at paper resolution) run only with
-`python -m pytest --runslow`, so the default run stays within CI's time budget on a 2-core CPU."""
+"""pytest setup and the fixture writers shared by several test files.
+
+Tests marked `slow` (big inputs, whole models at paper resolution) run only with
+`python -m pytest --runslow`, so the default run stays within CI's time budget on a 2-core CPU.
+`write_pascal_sample` writes one sample in the PASCAL_MT release's on-disk formats (jpg, png, mat).
+"""
 import os
-import sys
 
+import numpy as np
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import scipy.io
+from PIL import Image
 
 
 def pytest_addoption(parser):
@@ -23,3 +27,59 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _struct(fields, rows):
+    arr = np.zeros((1, len(rows)), dtype=[(f, 'O') for f in fields])
+    for j, row in enumerate(rows):
+        arr[0, j] = row
+    return arr
+
+
+def write_pascal_sample(root, id_, size, rng, person=True, split='train', semseg_folder='VOC12'):
+    """One sample of the PASCAL_MT layout. LabelMap: left half class 2 ('aeroplane', no valid
+    normals), right half class 440 ('wall', valid). Returns the arrays written."""
+    h, w = size
+    for d in ('JPEGImages', 'ImageSets/Context', f'semseg/{semseg_folder}', 'human_parts', 'sal_distill',
+              'normals_distill', 'pascal-context/trainval'):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    with open(os.path.join(root, 'ImageSets', 'Context', f'{split}.txt'), 'a') as f:
+        f.write(id_ + '\n')
+    yy, xx = np.mgrid[0:h, 0:w]                   # smooth, so that JPEG keeps it close
+    img = np.stack([yy * 255 // h, xx * 255 // w, (yy + xx) * 127 // (h + w)], -1).astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(root, 'JPEGImages', id_ + '.jpg'), quality=95)
+    sem = rng.integers(0, 21, (h, w)).astype(np.uint8)
+    sem[0, :] = 255
+    png = Image.frombytes('P', (w, h), sem.tobytes())
+    png.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
+    png.save(os.path.join(root, 'semseg', semseg_folder, id_ + '.png'))
+    sal = rng.choice(np.array([0, 127, 128, 255], dtype=np.uint8), (h, w))
+    Image.fromarray(sal).save(os.path.join(root, 'sal_distill', id_ + '.png'))
+    nrm = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    Image.fromarray(nrm).save(os.path.join(root, 'normals_distill', id_ + '.png'))
+    ctx = np.full((h, w), 440, dtype=np.uint16)
+    ctx[:, : w // 2] = 2
+    scipy.io.savemat(os.path.join(root, 'pascal-context', 'trainval', id_ + '.mat'), {'LabelMap': ctx})
+
+    parts = np.zeros((h, w), dtype=np.int64)
+    objects = [('dog', 12, np.ones((h, w), np.uint8), np.zeros((0, 0)))]
+    if person:
+        masks = {}
+        for name, (r0, r1), part in (('hair', (2, 5), 1), ('nose', (5, 8), 1), ('torso', (8, 14), 2),
+                                     ('ruarm', (14, 16), 3), ('lhand', (16, 18), 4),
+                                     ('luleg', (18, 20), 5), ('rfoot', (20, 22), 6)):
+            m = np.zeros((h, w), np.uint8)
+            m[r0:r1, 4:10] = 1
+            masks[name] = m
+            parts[r0:r1, 4:10] = part
+        person_mask = (parts > 0).astype(np.uint8)
+        objects.append(('person', 15, person_mask, _struct(('part_name', 'mask'), list(masks.items()))))
+        lonely = np.zeros((h, w), np.uint8)
+        lonely[2:10, 20:24] = 1                  # a person annotated without parts: ignored
+        objects.append(('person', 15, lonely, np.zeros((0, 0))))
+        parts[2:10, 20:24] = 255
+    else:
+        parts[:] = 255
+    anno = {'imname': id_, 'objects': _struct(('class', 'class_ind', 'mask', 'parts'), objects)}
+    scipy.io.savemat(os.path.join(root, 'human_parts', id_ + '.mat'), {'anno': anno})
+    return {'image': img, 'semseg': sem, 'saliency': sal, 'normals': nrm, 'context': ctx, 'parts': parts}

@@ -50,7 +50,7 @@ def assert_runs_agree(run, reference, tol_out, tol_grad):
 
 
 def reference_ctal(module, feats):
-    """SPEC section 3 written out position by position, with no conv, unfold or interleave: an
+    """CTAL (CTAL paper Sec. 2.1, Eqs. 1-2) written out position by position, with no conv, unfold or interleave: an
     independent check that `dense` really is the algorithm the papers describe."""
     T, (h, w), k = module.num_tasks, module.size, module.kernel_size
     r, hw, m = k // 2, h * w, module.m

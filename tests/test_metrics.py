@@ -286,7 +286,7 @@ def random_batch(task, b=4, h=6, w=7, k=5, seed=0):
 
 
 def numpy_reference(task, pred, target, k=5):
-    """The metric definitions of SPEC section 5, written independently in numpy."""
+    """The metric definitions of metrics.py's docstring, written independently in numpy."""
     p, g = pred.double().numpy(), target.double().numpy()
     if task == 'semseg':
         label, valid = p.argmax(1), g != 255

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import train
+from conftest import write_pascal_sample
 from data import DATASET_TASKS
 from metrics import TASK_METRIC, delta_m
 
@@ -403,9 +404,8 @@ def test_batches_do_not_depend_on_the_number_of_workers(synthetic_root, tmp_path
 
 
 def test_pascal_five_tasks_with_swin(tmp_path):
-    """PASCAL-Context fixture (test_data's writer) padded to 64x64: all five tasks train and evaluate, and
+    """PASCAL-Context fixture (conftest's writer) padded to 64x64: all five tasks train and evaluate, and
     delta_m is taken against the papers' PASCAL Swin-V2-S STL numbers."""
-    from test_data import write_pascal_sample
     root = str(tmp_path / 'PASCAL_MT')
     rng = np.random.default_rng(0)
     for i in range(4):
