@@ -48,7 +48,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-from data import DATASET_TASKS, build_dataset, make_synthetic
+from data import DATASET_TASKS, build_dataset
+from synthetic import make_synthetic
 from baselines import FPM_SOFTMAXES, PAP_AFFINITIES
 from ctal import CTAL
 from metrics import LOSS_WEIGHTS, NORMALS_LOSSES, STL_REFERENCE, TASK_METRIC, build_meters, delta_m, task_loss

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import synthetic
 from conftest import write_pascal_sample
 
 torch.manual_seed(0)
@@ -157,7 +158,7 @@ def test_missing_root_split_and_sample_errors(nyu, tmp_path):
     assert 'label/0.npy' in msg and 'normal/0.npy' in msg and 'lorenmt/mtan' in msg
     with pytest.raises(FileNotFoundError, match='pascal|PASCAL_MT'):
         data.PASCALContext(str(tmp_path / 'nowhere'))
-    with pytest.raises(FileNotFoundError, match='data.py synthetic'):
+    with pytest.raises(FileNotFoundError, match='python synthetic.py ROOT'):
         data.build_dataset('synthetic', str(tmp_path / 'nowhere'), 'train')
     os.rename(os.path.join(root, 'val', 'normal'), os.path.join(root, 'val', 'normals'))
     with pytest.raises(FileNotFoundError, match='val/normal/'):
@@ -461,14 +462,14 @@ def test_thin_keeps_one_pixel_connected_curves():
 # Synthetic scenes
 
 def _scenes(n, size=(96, 128), seed=5):
-    return [data.render_scene(np.random.default_rng([seed, 0, i]), size) for i in range(n)]
+    return [synthetic.render_scene(np.random.default_rng([seed, 0, i]), size) for i in range(n)]
 
 
 def _back_project(depth, size):
     """Camera-frame points (3, H, W) of a z-depth map: pinhole with f = SYN_FOCAL * W, principal point
     at the image centre, x right, y up, camera looking along -z."""
     H, W = size
-    f = data.SYN_FOCAL * W
+    f = synthetic.SYN_FOCAL * W
     u, v = np.meshgrid(np.arange(W) + 0.5 - W / 2, np.arange(H) + 0.5 - H / 2)
     depth = depth.astype(np.float64)
     return np.stack([depth * u / f, -depth * v / f, -depth])
@@ -507,8 +508,8 @@ def test_synthetic_normals_convention_floor_up_ceiling_down():
     for s in _scenes(10):
         lab, ny = s['label'], s['normal'][..., 1]
         valid = s['depth'][..., 0] > 0
-        assert (ny[(lab == data.CLS['floor']) & valid] > 0.5).all()
-        assert (ny[(lab == data.CLS['ceiling']) & valid] < -0.5).all()
+        assert (ny[(lab == synthetic.CLS['floor']) & valid] > 0.5).all()
+        assert (ny[(lab == synthetic.CLS['ceiling']) & valid] < -0.5).all()
 
 
 def test_synthetic_labels_change_where_depth_jumps():
@@ -547,9 +548,9 @@ def test_synthetic_scene_content():
 
 def test_make_synthetic_is_deterministic_and_nyuv2_readable(tmp_path):
     a, b, c = (str(tmp_path / n) for n in 'abc')
-    data.make_synthetic(a, 3, 2, size=(24, 32), seed=1)
-    data.make_synthetic(b, 3, 2, size=(24, 32), seed=1)
-    data.make_synthetic(c, 3, 2, size=(24, 32), seed=2)
+    synthetic.make_synthetic(a, 3, 2, size=(24, 32), seed=1)
+    synthetic.make_synthetic(b, 3, 2, size=(24, 32), seed=1)
+    synthetic.make_synthetic(c, 3, 2, size=(24, 32), seed=2)
     files = [os.path.join(split, folder, f'{i}.npy') for split, n in (('train', 3), ('val', 2))
              for folder in ('image', 'label', 'depth', 'normal') for i in range(n)]
     def read(root, f):
@@ -563,12 +564,12 @@ def test_make_synthetic_is_deterministic_and_nyuv2_readable(tmp_path):
     assert set(s['semseg'].unique().tolist()) <= set(range(13)) | {255}
     # the same arguments again: nothing rewritten; other arguments: rewritten
     mtime = os.path.getmtime(os.path.join(a, 'train', 'image', '0.npy'))
-    data.build_dataset('synthetic', a, 'val', n_train=3, n_val=2, size=(24, 32), seed=1)
+    synthetic.make_synthetic(a, 3, 2, size=(24, 32), seed=1)
     assert os.path.getmtime(os.path.join(a, 'train', 'image', '0.npy')) == mtime
-    data.make_synthetic(a, 2, 1, size=(16, 20), seed=1)
+    synthetic.make_synthetic(a, 2, 1, size=(16, 20), seed=1)
     assert len(data.NYUv2(a, 'train')) == 2 and data.NYUv2(a, 'val')[0]['image'].shape == (3, 16, 20)
     with pytest.raises(ValueError, match='not empty'):
-        data.make_synthetic(str(tmp_path), 2, 1)
+        synthetic.make_synthetic(str(tmp_path), 2, 1)
     # an interrupted run (marker says incomplete) is redone, not trusted
     with open(os.path.join(b, 'synthetic.json')) as f:
         marker = json.load(f)
@@ -576,7 +577,7 @@ def test_make_synthetic_is_deterministic_and_nyuv2_readable(tmp_path):
         json.dump({**marker, 'complete': False}, f)
     before = [read(b, f) for f in files]
     os.remove(os.path.join(b, 'val', 'depth', '1.npy'))
-    data.make_synthetic(b, 3, 2, size=(24, 32), seed=1)
+    synthetic.make_synthetic(b, 3, 2, size=(24, 32), seed=1)
     assert [read(b, f) for f in files] == before
     with open(os.path.join(b, 'synthetic.json')) as f:
         assert json.load(f)['complete'] is True
@@ -584,9 +585,9 @@ def test_make_synthetic_is_deterministic_and_nyuv2_readable(tmp_path):
 
 def test_cli_synthetic_and_check(tmp_path, capsys):
     out = str(tmp_path / 'syn')
-    data.main(['synthetic', out, '--n-train', '2', '--n-val', '1', '--size', '20x28', '--seed', '4'])
+    synthetic.main([out, '--n-train', '2', '--n-val', '1', '--size', '20x28', '--seed', '4'])
     assert len(data.NYUv2(out, 'train')) == 2
     data.main(['check', 'synthetic', out, '--split', 'train'])
     assert 'samples/s' in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        data.main(['synthetic', out, '--size', '20-28'])
+        synthetic.main([out, '--size', '20-28'])

@@ -31,7 +31,7 @@ def synthetic_root(tmp_path_factory):
     """8 train / 4 val synthetic scenes of 32x64, generated once for the module."""
     root = str(tmp_path_factory.mktemp('synthetic'))
     os.rmdir(root)                                   # make_synthetic wants an empty or absent folder
-    from data import make_synthetic
+    from synthetic import make_synthetic
     return make_synthetic(root, 8, 4, SIZE, seed=0)
 
 
