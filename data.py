@@ -24,7 +24,6 @@ Formats (as the releases distribute them):
 `python data.py check DATASET ROOT` reads a whole split (validating every sample) and prints samples/s.
 """
 import argparse
-import functools
 import json
 import os
 import sys
@@ -440,47 +439,12 @@ PASCAL_NORMALS_VALID_CLASSES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _guo_hall_luts():
-    """Deletion tables of Guo & Hall's two-subiteration thinning (as stated in Lam, Lee & Suen 1992,
-    the algorithm skimage.morphology.thin implements), indexed by the 8-neighbour code: bit k holds
-    neighbour x_{k+1}, numbered counter-clockwise from the east one (x1 = E, x2 = NE, ... x8 = SE)."""
-    luts = np.zeros((2, 256), dtype=bool)
-    for code in range(256):
-        x = [(code >> k) & 1 for k in range(8)] + [code & 1]  # x[0..8] = x1..x9, x9 = x1
-        crossings = sum(1 for k in (0, 2, 4, 6) if not x[k] and (x[k + 1] or x[k + 2]))
-        n1 = sum(x[k] | x[k + 1] for k in (0, 2, 4, 6))
-        n2 = sum(x[k] | x[k + 1] for k in (1, 3, 5, 7))
-        if crossings == 1 and 2 <= min(n1, n2) <= 3:
-            luts[0, code] = not ((x[1] or x[2] or not x[7]) and x[0])
-            luts[1, code] = not ((x[5] or x[6] or not x[3]) and x[4])
-    return luts
-
-
 def thin(mask):
-    """Thin a boolean mask to 1-pixel-wide, still connected curves (Guo-Hall). Works on the flat
-    indices of the remaining foreground pixels only (edges are a few % of an image); each
-    subiteration decides all deletions from the same state, as the algorithm requires."""
-    mask = np.asarray(mask, dtype=bool)
-    H, W = mask.shape
-    p = np.pad(mask, 1).astype(np.uint8).ravel()                   # zero border, flat
-    # flat offsets of x1..x8: E, NE, N, NW, W, SW, S, SE ("north" = previous row)
-    offsets = [dr * (W + 2) + dc for dr, dc in ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1),
-                                                (1, 0), (1, 1))]
-    fg = np.flatnonzero(p)
-    changed = True
-    while changed:
-        changed = False
-        for lut in _guo_hall_luts():
-            code = np.zeros(fg.size, dtype=np.uint8)
-            for k, off in enumerate(offsets):
-                code |= p[fg + off] << k
-            delete = lut[code]
-            if delete.any():
-                p[fg[delete]] = 0
-                fg = fg[~delete]
-                changed = True
-    return p.reshape(H + 2, W + 2)[1:-1, 1:-1].astype(bool)
+    """Thin a boolean mask to 1-pixel-wide, still connected curves: skimage.morphology.thin (Guo & Hall's
+    two-subiteration algorithm, as stated in Lam, Lee & Suen 1992). scikit-image is imported only when
+    PASCAL-Context edges are built."""
+    from skimage.morphology import thin as skimage_thin
+    return skimage_thin(np.asarray(mask, dtype=bool))
 
 
 def label_edges(label_map):
