@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from data import DATASET_TASKS, build_dataset
 from synthetic import make_synthetic
@@ -543,107 +544,110 @@ def format_metrics(metrics, reference=None):
 
 # ------------------------------------------------------------------------------------------ pictures
 
-def _palette(n):
-    """VOC-style bit-interleaved colours for class k+1 (so class 0 is not black; black = ignore)."""
-    colours = np.zeros((n, 3), np.uint8)
-    for k in range(n):
-        c, r, g, b = k + 1, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colours[k] = (r, g, b)
-    return colours
+GRID_TILE_PX = 128           # height of one panel of the prediction grid, pixels
+GRID_HEADER_PX = 16          # the column titles above the first row
+GRID_DPI = 100
+# 40 distinct class colours (matplotlib's tab20 + tab20b), repeated for larger label sets
+CLASS_COLOURS = np.concatenate([colormaps['tab20'].colors, colormaps['tab20b'].colors])
 
 
-_VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], float)
-
-
-def _colormap(x):
-    """x (H, W) in [0, 1] -> (H, W, 3) uint8, piecewise-linear viridis (5 anchors)."""
-    pos = np.clip(x, 0, 1) * (len(_VIRIDIS) - 1)
-    lo = np.minimum(pos.astype(int), len(_VIRIDIS) - 2)
-    frac = (pos - lo)[..., None]
-    return ((1 - frac) * _VIRIDIS[lo] + frac * _VIRIDIS[lo + 1]).astype(np.uint8)
-
-
-PALETTE = _palette(256)
-
-
-def colour_target(task, target):
-    """A ground-truth map (data.py conventions) as RGB uint8 (H, W, 3); ignored / invalid pixels black."""
-    x = target.float().cpu()
-    if task in ('semseg', 'human_parts'):
-        labels = x.long().numpy()
-        rgb = PALETTE[np.clip(labels, 0, 255)]
-        rgb[labels == 255] = 0
-        return rgb
-    if task == 'depth':
-        rgb = colour_depth(x[0], x[0])
-        rgb[(x[0] == 0).numpy()] = 0
-        return rgb
-    if task == 'normals':
-        return colour_normals(x)                            # invalid (zero) vectors -> grey
-    grey = (x[0].clamp(0, 1) * 255).byte().numpy()         # saliency / edge in {0, 1}
-    rgb = grey[..., None].repeat(3, -1)
-    rgb[(x[0] == 255).numpy()] = (128, 0, 0)               # ignore: dark red
+def colour_labels(labels):
+    """Class map (H, W) -> RGB floats (H, W, 3); 255 (ignore) black."""
+    rgb = CLASS_COLOURS[np.clip(labels, 0, 254) % len(CLASS_COLOURS)]
+    rgb[labels == 255] = 0
     return rgb
-
-
-def colour_prediction(task, pred, target):
-    """A raw prediction (K, H, W) as RGB uint8 (H, W, 3), coloured like its target."""
-    x = pred.float().cpu()
-    if task in ('semseg', 'human_parts'):
-        return PALETTE[x.argmax(0).numpy()]
-    if task == 'depth':
-        return colour_depth(x[0], target.float().cpu()[0])
-    if task == 'normals':
-        return colour_normals(x / x.norm(dim=0, keepdim=True).clamp(min=1e-12))
-    return (torch.sigmoid(x[0]) * 255).byte().numpy()[..., None].repeat(3, -1)   # logits -> probability
 
 
 def colour_depth(depth, reference):
     """Viridis over the valid range of the reference (target) depth, so GT and prediction compare."""
     valid = reference[reference > 0]
     lo, hi = (float(valid.min()), float(valid.max())) if valid.numel() else (0.0, 1.0)
-    return _colormap(((depth - lo) / max(hi - lo, 1e-6)).numpy())
+    return colormaps['viridis'](((depth - lo) / max(hi - lo, 1e-6)).clamp(0, 1).numpy())[..., :3]
 
 
 def colour_normals(n):
-    return ((n + 1) / 2 * 255).clamp(0, 255).permute(1, 2, 0).byte().numpy()     # (n + 1) / 2 -> RGB
+    return ((n + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()                     # (n + 1) / 2 -> RGB
+
+
+def colour_target(task, target):
+    """A ground-truth map (data.py conventions) as RGB floats (H, W, 3); ignored / invalid pixels black."""
+    x = target.float().cpu()
+    if task in ('semseg', 'human_parts'):
+        return colour_labels(x.long().numpy())
+    if task == 'depth':
+        rgb = colour_depth(x[0], x[0])
+        rgb[(x[0] == 0).numpy()] = 0
+        return rgb
+    if task == 'normals':
+        return colour_normals(x)                            # invalid (zero) vectors -> grey
+    rgb = colormaps['gray'](x[0].clamp(0, 1).numpy())[..., :3]    # saliency / edge in {0, 1}
+    rgb[(x[0] == 255).numpy()] = (0.5, 0, 0)              # ignore: dark red
+    return rgb
+
+
+def colour_prediction(task, pred, target):
+    """A raw prediction (K, H, W) as RGB floats (H, W, 3), coloured like its target."""
+    x = pred.float().cpu()
+    if task in ('semseg', 'human_parts'):
+        return colour_labels(x.argmax(0).numpy())
+    if task == 'depth':
+        return colour_depth(x[0], target.float().cpu()[0])
+    if task == 'normals':
+        return colour_normals(x / x.norm(dim=0, keepdim=True).clamp(min=1e-12))
+    return colormaps['gray'](torch.sigmoid(x[0]).numpy())[..., :3]             # logits -> probability
 
 
 @torch.no_grad()
 def save_prediction_grid(model, val_set, cfg, device, path):
-    """PNG: one row per validation image: input | for each task: ground truth, prediction."""
+    """PNG: one row per validation image: input | for each task: ground truth, prediction. Every panel
+    is GRID_TILE_PX high (small images are upscaled so a person can see them)."""
     n = min(cfg['vis_images'], len(val_set))
     if n == 0:
         return
     samples = [val_set[i] for i in range(n)]
-    images = torch.stack([s['image'] for s in samples]).to(device)
     model.eval()
     with autocast(cfg, device):
-        out = model(images)
+        out = model(torch.stack([s['image'] for s in samples]).to(device))
     model.train()
-    rows = []
+    names = ['input'] + [f"{t} {kind}" for t in cfg['tasks'] for kind in ('GT', 'pred')]
+    H, W = samples[0]['image'].shape[-2:]
+    tile_w = round(W * GRID_TILE_PX / H)
+    width, height = len(names) * tile_w, GRID_HEADER_PX + n * GRID_TILE_PX
+    fig = Figure(figsize=(width / GRID_DPI, height / GRID_DPI), dpi=GRID_DPI)
+    for j, name in enumerate(names):
+        fig.text((j + 0.5) / len(names), 1 - 2 / height, name, ha='center', va='top', fontsize=7)
     for i, s in enumerate(samples):
-        tiles = [(s['image'].permute(1, 2, 0).clamp(0, 1) * 255).byte().numpy()]
+        tiles = [s['image'].permute(1, 2, 0).clamp(0, 1).numpy()]
         for t in cfg['tasks']:
             tiles += [colour_target(t, s[t]), colour_prediction(t, out[t][i], s[t])]
-        rows.append(tiles)
-    H, W = rows[0][0].shape[:2]
-    f = max(1, 128 // H)                          # upscale tiny images so a person can see them
-    h, w, pad, top = H * f, W * f, 2, 14
-    names = ['input'] + [f"{t} {kind}" for t in cfg['tasks'] for kind in ('GT', 'pred')]
-    grid = Image.new('RGB', (len(names) * (w + pad) - pad, top + n * (h + pad) - pad), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    for j, name in enumerate(names):
-        draw.text((j * (w + pad) + 2, 1), name, fill=(0, 0, 0))
-    for i, tiles in enumerate(rows):
+        bottom = 1 - (GRID_HEADER_PX + (i + 1) * GRID_TILE_PX) / height
         for j, tile in enumerate(tiles):
-            grid.paste(Image.fromarray(tile).resize((w, h), Image.NEAREST), (j * (w + pad), top + i * (h + pad)))
-    grid.save(path)
+            ax = fig.add_axes((j / len(names), bottom, 1 / len(names), GRID_TILE_PX / height))
+            ax.imshow(tile, interpolation='nearest', aspect='auto')
+            ax.set_axis_off()
+    fig.savefig(path, dpi=GRID_DPI)
+
+
+def save_curves(log_path, tasks, path):
+    """PNG of a run's log.jsonl: the training loss of each task over steps, and each task's main
+    validation metric (metrics.TASK_METRIC) over epochs."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train_recs = [r for r in records if r['type'] == 'train']
+    eval_recs = [r for r in records if r['type'] == 'eval']
+    fig = Figure(figsize=(3.2 * (1 + len(tasks)), 2.8), dpi=GRID_DPI, layout='constrained')
+    axes = fig.subplots(1, 1 + len(tasks), squeeze=False)[0]
+    steps = [r['step'] for r in train_recs]
+    for t in tasks:
+        axes[0].plot(steps, [r['losses'][t] for r in train_recs], label=t)
+    axes[0].set(title='training loss', xlabel='step')
+    axes[0].legend(fontsize=7)
+    for ax, t in zip(axes[1:], tasks):
+        metric = TASK_METRIC[t][0]
+        values = [r['metrics'][t][metric] for r in eval_recs]
+        ax.plot([r['epoch'] for r in eval_recs], [v if v is not None else float('nan') for v in values], 'o-')
+        ax.set(title=f"val {t} {metric}", xlabel='epoch')
+    fig.savefig(path)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
@@ -837,6 +841,7 @@ def train(cfg):
         log(record)
         if master:
             save_prediction_grid(net, val_set, cfg, device, os.path.join(out_dir, f'vis_epoch{epoch:03d}.png'))
+            save_curves(os.path.join(out_dir, 'log.jsonl'), cfg['tasks'], os.path.join(out_dir, 'curves.png'))
         timing['eval_seconds'] += time.time() - t0
         timing['evals'] += 1
         say(f"eval epoch {epoch}: val loss {val_loss:.4f}, delta_m "

@@ -220,8 +220,10 @@ def test_ctal_ss_training_reduces_the_loss_and_writes_its_outputs(synthetic_root
     assert res['final']['epoch'] == 4 and res['seed'] == 0 and res['versions']['torch'] == torch.__version__
     assert res['best']['epoch'] in (2, 4)
     png = Image.open(os.path.join(out, 'vis_epoch004.png'))
-    tile = 128 // SIZE[0] * SIZE[0], 128 // SIZE[0] * SIZE[1]            # upscaled tiles (h, w)
-    assert png.size == (7 * (tile[1] + 2) - 2, 14 + 2 * (tile[0] + 2) - 2)   # input + 3 x (GT, pred); 2 rows
+    tile_w = round(SIZE[1] * 128 / SIZE[0])                               # panels 128 px high
+    assert png.size == (7 * tile_w, 16 + 2 * 128)           # input + 3 x (GT, pred); 2 rows under a header
+    curves = Image.open(os.path.join(out, 'curves.png'))
+    assert curves.size == (4 * 320, 280)                    # training losses + one panel per task
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
     assert ckpt['progress']['epoch'] == 4 and set(ckpt['rng']) >= {'torch', 'numpy', 'python'}
     assert not os.path.exists(os.path.join(out, 'ckpt.pt.tmp'))
@@ -423,7 +425,7 @@ def test_pascal_five_tasks_with_swin(tmp_path):
     assert 0 <= res['final']['metrics']['saliency']['maxF'] <= 100 and res['final']['metrics']['edge']['loss'] > 0
     assert res['reference']['values'] == {t: train.STL_REFERENCE[('pascal', 'swinv2_s')][t] for t in tasks}
     assert math.isfinite(res['final']['delta_m'])
-    assert Image.open(out / 'vis_epoch002.png').size == (11 * 130 - 2, 14 + 2 * 130 - 2)   # input + 5 x (GT, pred)
+    assert Image.open(out / 'vis_epoch002.png').size == (11 * 128, 16 + 2 * 128)   # input + 5 x (GT, pred)
 
 
 def test_json_written_is_valid_json_nan_becomes_null():
