@@ -98,6 +98,9 @@ def parse_scale(text):
     return scale
 
 
+GEMM_SIZE = 2048             # the square fp32 matrix product whose rate the CTAL steps are compared with
+
+
 def positive_int(text):
     try:
         value = int(text)
@@ -312,6 +315,15 @@ def ctal_step_stats(impl, size, batch, channels, tasks, device, iters):
                 flops=counter.get_total_flops())
 
 
+def gemm_stats(n, device, iters):
+    """Achieved GFLOP/s of an fp32 (n x n) @ (n x n) matrix product: the machine's GEMM rate, measured in the
+    same run as the CTAL steps so that the two compare (2 n^3 FLOPs per product)."""
+    torch.manual_seed(0)
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    seconds, _ = measure(lambda: a @ b, device, iters)
+    return dict(n=n, seconds=seconds, gflops=2 * n ** 3 / seconds / 1e9)
+
+
 def dense_bytes_per_image(size, tasks, m=1, bytes_per=4):
     """What dense CTAL keeps alive per image at its peak, in HW x HW tensors: the joint affinity M
     (T HW^2, saved for the conv's backward), G (m HW^2, saved for the diffusion's backward), and in
@@ -329,13 +341,19 @@ def run_ctal_benchmark(args):
     rows = {impl: run_measurement("ctal_step_stats", device, impl=impl, size=list(size), batch=args.batch,
                                   channels=C, tasks=T, iters=args.iters)
             for impl in ("dense", "linear")}
-    print(f"{'impl':8s} {'time/step':>10s} {'GFLOP/step':>11s} {'peak MB':>9s}")
+    gemm = run_measurement("gemm_stats", device, n=GEMM_SIZE, iters=max(args.iters, 3))
+    print(f"GEMM rate: {gemm['gflops']:.1f} GFLOP/s (fp32 {GEMM_SIZE}x{GEMM_SIZE} @ {GEMM_SIZE}x{GEMM_SIZE}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"{'impl':8s} {'time/step':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'% GEMM':>7s} {'peak MB':>9s}")
     for impl, r in rows.items():
-        print(f"{impl:8s} {r['seconds']:9.3f}s {r['flops'] / 1e9:11.1f} {r['peak_bytes'] / 2**20:9.0f}")
+        rate = r['flops'] / r['seconds'] / 1e9
+        r['gflops_per_s'], r['fraction_of_gemm'] = rate, rate / gemm['gflops']
+        print(f"{impl:8s} {r['seconds']:9.3f}s {r['flops'] / 1e9:11.1f} {rate:8.1f} {100 * rate / gemm['gflops']:6.0f}% "
+              f"{r['peak_bytes'] / 2**20:9.0f}")
     d, l = rows["dense"], rows["linear"]
     print(f"dense / linear: time {d['seconds'] / l['seconds']:.2f}x, FLOPs {d['flops'] / l['flops']:.2f}x, "
           f"peak memory {d['peak_bytes'] / max(l['peak_bytes'], 1):.2f}x")
-    result = dict(rows=rows)
+    result = dict(rows=rows, gemm=gemm, auto=choose_impl(T, C, size, device=torch.device(device).type))
     if args.fit_gb:
         result["largest_batch"] = report_largest_batches(args)
     if args.json:

@@ -51,6 +51,13 @@ def test_ctal_benchmark_runs_and_reports_ratios(capsys):
     dense_core = 3 * B * (2 * T * C * hw * hw + 2 * hw * hw * T * 9 + 2 * T * C * hw * hw)
     assert dense["flops"] - proj == pytest.approx(dense_core, rel=1e-6)
     assert linear["flops"] - proj == pytest.approx(6 * B * 2 * T * C * T * C * 9 * hw, rel=0.03)
+    # achieved rates beside a GEMM rate measured in the same run, and the auto choice for this device
+    assert result["gemm"]["gflops"] == pytest.approx(2 * 2048 ** 3 / result["gemm"]["seconds"] / 1e9)
+    for row in (dense, linear):
+        assert row["gflops_per_s"] == pytest.approx(row["flops"] / row["seconds"] / 1e9)
+        assert row["fraction_of_gemm"] == pytest.approx(row["gflops_per_s"] / result["gemm"]["gflops"])
+    assert "GEMM rate:" in printed and "% GEMM" in printed
+    assert result["auto"] == profile.choose_impl(T, C, (9, 12), device="cpu")
 
 
 def test_grouped_conv_backward_flops_count_groups():
