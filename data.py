@@ -694,26 +694,43 @@ def parse_size(text):
         raise argparse.ArgumentTypeError(f"size must look like 96x128 (HxW), got {text!r}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
-    sub = parser.add_subparsers(dest='command', required=True)
-    p = sub.add_parser('check', help='read (and validate) every sample of a split; print samples/s')
-    p.add_argument('dataset', choices=tuple(DATASET_TASKS))
-    p.add_argument('root')
-    p.add_argument('--split', default='val')
-    p.add_argument('--augment', action='store_true')
-    p.add_argument('--limit', type=int, default=0, help='read only the first N samples')
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    ds = build_dataset(args.dataset, args.root, args.split, augment=args.augment)
-    n = min(len(ds), args.limit) if args.limit > 0 else len(ds)
+SPLITS = ('train', 'val')
+
+
+def check_split(dataset, root, split, augment=False, limit=0):
+    """Read (and so validate) every sample of one split; its one-line summary. Raises the loaders' clear
+    FileNotFoundError / ValueError (naming the file) on the first bad sample."""
+    ds = build_dataset(dataset, root, split, augment=augment)
+    n = min(len(ds), limit) if limit > 0 else len(ds)
     t0 = time.perf_counter()
     for i in range(n):
         sample = ds[i]
-    dt = time.perf_counter() - t0
+    dt = max(time.perf_counter() - t0, 1e-9)
     shapes = {k: tuple(v.shape) for k, v in sample.items() if torch.is_tensor(v)}
-    print(f"{args.dataset} {args.split}: {n} of {len(ds)} samples read in {dt:.2f} s "
-          f"({n / dt:.1f} samples/s, one process, one thread); last sample {shapes}")
+    return (f"{dataset} {split}: {n} of {len(ds)} samples OK in {dt:.2f} s ({n / dt:.1f} samples/s, one "
+            f"process, one thread); last sample {shapes}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('check', help='read (and validate) every sample of every split (or of --split); '
+                                     'print one line per split')
+    p.add_argument('dataset', choices=tuple(DATASET_TASKS))
+    p.add_argument('root')
+    p.add_argument('--split', choices=SPLITS, help='check only this split (default: all)')
+    p.add_argument('--augment', action='store_true')
+    p.add_argument('--limit', type=int, default=0, help='read only the first N samples of each split')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    failed = 0
+    for split in [args.split] if args.split else SPLITS:
+        try:
+            print(check_split(args.dataset, args.root, split, args.augment, args.limit), flush=True)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{args.dataset} {split}: FAILED: {e}", file=sys.stderr, flush=True)
+            failed += 1
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

@@ -607,7 +607,17 @@ def test_cli_synthetic_and_check(tmp_path, capsys):
     out = str(tmp_path / 'syn')
     synthetic.main([out, '--n-train', '2', '--n-val', '1', '--size', '20x28', '--seed', '4'])
     assert len(data.NYUv2(out, 'train')) == 2
-    data.main(['check', 'synthetic', out, '--split', 'train'])
+    assert data.main(['check', 'synthetic', out, '--split', 'train']) == 0
     assert 'samples/s' in capsys.readouterr().out
+    # every split by default, one line each; a broken training file fails with its name, no traceback
+    assert data.main(['check', 'synthetic', out]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(':')[0] for line in lines] == ['synthetic train', 'synthetic val']
+    np.save(os.path.join(out, 'train', 'depth', '1.npy'), np.zeros((3, 3), np.float32))     # wrong shape
+    assert data.main(['check', 'synthetic', out]) == 1
+    captured = capsys.readouterr()
+    assert 'synthetic val: 1 of 1 samples OK' in captured.out
+    assert 'synthetic train: FAILED:' in captured.err and '1.npy' in captured.err
+    assert 'Traceback' not in captured.err
     with pytest.raises(SystemExit):
         synthetic.main([out, '--size', '20-28'])
