@@ -138,6 +138,13 @@ class AuthorsFuseModule(HighResolutionModule):
         return fused
 
 
+def set_bn_momentum(module, momentum):
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    return module
+
+
 def use_authors_hrnet(net):
     """Make timm's HRNet compute the authors' function, in place: bilinear size-matched fuse upsampling
     (`AuthorsFuseModule`) and BatchNorm momentum 0.01 (their BN_MOMENTUM; timm uses 0.1, which changes the
@@ -148,9 +155,7 @@ def use_authors_hrnet(net):
             for i, layers in enumerate(m.fuse_layers if m.num_branches > 1 else []):
                 for j in range(i + 1, m.num_branches):
                     layers[j][-1] = nn.Identity()          # timm's nn.Upsample; the resize is in forward
-        elif isinstance(m, nn.BatchNorm2d):
-            m.momentum = HRNET_BN_MOMENTUM
-    return net
+    return set_bn_momentum(net, HRNET_BN_MOMENTUM)
 
 
 class HRNetBackbone(nn.Module):
@@ -177,7 +182,10 @@ def load_torchvision_weights(model, path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights for swin_v2_s: no file at {path!r}. Pass the path of a "
                                 f"local torchvision checkpoint (.pth) or pretrained=None for random init.")
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:                                  # not a torch file, truncated, pickled code ...
+        raise ValueError(f"pretrained weights {path!r}: cannot be read as a torch checkpoint ({e})") from e
     state = state.get('model', state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not state:
         raise ValueError(f"pretrained weights {path!r}: expected a torchvision swin_v2_s state dict, got "
@@ -559,9 +567,8 @@ def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.
         raise ValueError(f"hrnet_bn_momentum must be in (0, 1], got {hrnet_bn_momentum!r}")
     model = build_architecture(name, dict(tasks), img_size, backbone, scale, gamma, ctal_impl, ctal_fusion,
                                pretrained, pap_iters, pap_affinity, fpm_softmax)
-    for bn in (m for b in model.modules() if isinstance(b, HRNetBackbone) for m in b.modules()):
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.momentum = hrnet_bn_momentum
+    for backbone_module in [m for m in model.modules() if isinstance(m, HRNetBackbone)]:
+        set_bn_momentum(backbone_module, hrnet_bn_momentum)
     return model
 
 

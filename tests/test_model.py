@@ -579,6 +579,9 @@ def test_pretrained_swin_loads_a_local_torchvision_file(tmp_path, capsys):
     torch.save({'x': torch.zeros(1)}, tmp_path / 'other.pth')
     with pytest.raises(ValueError, match='matched no parameter of swin_v2_s'):
         build_model('mtl', CITY, (64, 128), backbone='swinv2_s', pretrained=tmp_path / 'other.pth')
+    (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='cannot be read as a torch checkpoint'):
+        build_model('mtl', CITY, (64, 128), backbone='swinv2_s', pretrained=tmp_path / 'garbage.pth')
 
 
 def test_pretrained_errors(tmp_path):
