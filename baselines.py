@@ -118,7 +118,7 @@ def pap_affinity(x, variant='code', eps=1e-6):
     produced the PAP-Net rows of their tables: each channel is L2-normalised over the HW positions,
     A0 = X^T X, and every column q is divided by its sum over p, negatives kept:
         A[p, q] = <x~(p), x~(q)> / sum_p' <x~(p'), x~(q)>,   x~[c, :] = x[c, :] / ||x[c, :]||.
-    'paper', the PAP-Net paper's text (Zhang et al. 2019, Sec. 3.2): cosine similarity per position,
+    'paper', the PAP-Net paper's text (Zhang et al., CVPR 2019): cosine similarity per position,
     negatives clamped to 0, each row (query p) normalised over q; the diagonal is 1, so a row sums to
     >= 1 unless x(p) = 0, which eps guards:
         A[p, q] = max(0, <x^(p), x^(q)>) / sum_q' max(0, <x^(p), x^(q')>),   x^(p) = x[:, p] / ||x[:, p]||.
@@ -245,7 +245,8 @@ class MTINetFrontEnd(nn.Module):
                    = cat(x_s, upsample(FPM_{s+1}(features_{s+1})_t))  (s < 3)   c_s + c_{s+1} channels
       features_t,s = BasicBlock(BasicBlock(input_t,s -> c_s))     (Conv1x1+BN shortcut when widths differ)
       pred_t,s     = Conv1x1(features_t,s -> K_t)                 (deep supervision)
-    with an FPM at 1/32, 1/16 and 1/8 (`softmax`: its mask variant, see `fpm_softmax`). Returns (features, predictions): two lists indexed by scale
+    with an FPM at 1/32, 1/16 and 1/8 (`softmax`: its mask variant, see `fpm_softmax`). Returns
+    (features, predictions): two lists indexed by scale
     [1/4, 1/8, 1/16, 1/32], each a dict task -> tensor at that scale's resolution.
     Used by `mtinet` (then per-scale PAD distillation) and by `ctal_ms` (then cross-scale fusion + CTAL).
     """

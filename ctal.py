@@ -31,7 +31,8 @@ Z_t[(n, c, d), p] = w_t[p, n, d] f̂_n(p)[c] has the same shape. Then the whole 
   K = V U^T   (T*C, T*C*k^2)     then     D = K Z + outer(sum_q V, b)     (T*C, HW)
 
 O(HW T^2 k^2 C^2) time, O(HW T C k^2) memory. At 72 x 96, C = 128, T = 3, k = 3 that is about half
-the FLOPs of the dense form; at 1/6 and 1/8 the dense form needs fewer (`choose_impl` picks per device). The backward
+the FLOPs of the dense form; at 1/6 and 1/8 the dense form needs fewer (`choose_impl` picks per device).
+The backward
 pass recomputes U and Z (cheap reshapes and products) instead of keeping them, so the only
 activations saved are f̂, V and the small K.
 

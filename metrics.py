@@ -6,7 +6,7 @@ Data flow (train.py is the only user):
               under DDP meters[t].all_reduce() once at the end; meters[t].compute() -> {name: float};
               delta_m({t: results[t][TASK_METRIC[t][0]]}, STL_REFERENCE[(dataset, backbone)]).
 Predictions are the raw model outputs at target resolution, (B, K, H, W): semseg / human_parts logits,
-depth values, unnormalised normals, saliency / edge logits. Targets follow the dataset conventions of data.py:
+depth values, unnormalised normals, saliency / edge logits. Targets follow data.py's conventions:
 semseg / human_parts int64 (B, H, W) with 255 = ignore; depth (B, 1, H, W) with 0 = invalid;
 normals (B, 3, H, W) with the all-zero vector = invalid; saliency / edge (B, 1, H, W) in {0, 1}, 255 = ignore.
 
@@ -34,7 +34,8 @@ the split is cut into batches or ranks; all_reduce sums them across processes):
   depth    over pixels with g != 0: abs_err = mean |p - g|, rel_err = mean |p - g| / g,
            rmse = sqrt(mean (p - g)^2). rel_err is a plain ratio, not a percentage (on the MTAN Cityscapes
            inverse depth it is ~30, which is what the papers print).
-  normals  angle = degrees(acos(clamp(<p/|p|, g>, -1, 1))) over valid pixels (g not normalised, as the authors' evaluation):
+  normals  angle = degrees(acos(clamp(<p/|p|, g>, -1, 1))) over valid pixels (g not normalised, as the
+           authors' evaluation):
            mean, median, and the % of angles strictly below 11.25, 22.5, 30 degrees.
            The median is taken from a histogram of 0.001-degree bins over [0, 180]: it is the exact median
            (numpy convention: mean of the two middle values for an even count) of the angles quantised to

@@ -348,7 +348,8 @@ def run_ctal_benchmark(args):
     for impl, r in rows.items():
         rate = r['flops'] / r['seconds'] / 1e9
         r['gflops_per_s'], r['fraction_of_gemm'] = rate, rate / gemm['gflops']
-        print(f"{impl:8s} {r['seconds']:9.3f}s {r['flops'] / 1e9:11.1f} {rate:8.1f} {100 * rate / gemm['gflops']:6.0f}% "
+        print(f"{impl:8s} {r['seconds']:9.3f}s {r['flops'] / 1e9:11.1f} {rate:8.1f} "
+              f"{100 * r['fraction_of_gemm']:6.0f}% "
               f"{r['peak_bytes'] / 2**20:9.0f}")
     d, l = rows["dense"], rows["linear"]
     print(f"dense / linear: time {d['seconds'] / l['seconds']:.2f}x, FLOPs {d['flops'] / l['flops']:.2f}x, "
@@ -412,7 +413,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help=f"models to profile (default: all of the backbone's): {', '.join(MODEL_NAMES)}, "
                              f"and 'papnet x2' (two propagation iterations)")
-    parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 8 for models, 2 for ctal)")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="batch size (default: 8 for models, 2 for ctal)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=["cpu", "cuda"])
     parser.add_argument("--ctal-impl", choices=["auto", "dense", "linear"], default="auto")

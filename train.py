@@ -442,8 +442,9 @@ def to_device(batch, device):
 # ------------------------------------------------------------------------------------------ loss
 
 def compute_losses(out, batch, tasks, normals_form='cosine'):
-    """Per task L_initial + L_final (deep supervision, CTAL paper Sec. 3.3): a dict task -> scalar tensor. 'initial' holds a tensor, or
-    for the multi-scale models a list of per-scale predictions (their mean loss), or nothing (stl/mtl)."""
+    """Per task L_initial + L_final (deep supervision, CTAL paper Sec. 2): a dict task -> scalar tensor.
+    'initial' holds a tensor, or for the multi-scale models a list of per-scale predictions (their mean
+    loss), or nothing (stl/mtl)."""
     losses = {}
     for t in tasks:
         loss = task_loss(t, out[t], batch[t], normals_form)

@@ -50,8 +50,8 @@ def assert_runs_agree(run, reference, tol_out, tol_grad):
 
 
 def reference_ctal(module, feats):
-    """CTAL (CTAL paper Sec. 2.1, Eqs. 1-2) written out position by position, with no conv, unfold or interleave: an
-    independent check that `dense` really is the algorithm the papers describe."""
+    """CTAL (CTAL paper Sec. 2.1, Eqs. 1-2) written out position by position, with no conv, unfold or
+    interleave: an independent check that `dense` really is the algorithm the papers describe."""
     T, (h, w), k = module.num_tasks, module.size, module.kernel_size
     r, hw, m = k // 2, h * w, module.m
     weight = module.fusion.weight.detach()                              # (HW*m, T, k, k)
@@ -187,7 +187,8 @@ def test_auto_picks_the_cheaper_implementation_per_device():
     assert [choose_impl(3, 128, s, device="cpu") for s in [(9, 12), (24, 32), (36, 48), (48, 64), (72, 96)]] == \
         ["dense", "dense", "linear", "linear", "linear"]
     auto = CTAL(3, 128, (36, 48))
-    assert auto.impl == "auto" and auto.impl_for("cpu") == "linear" and auto.impl_for(torch.device("cuda")) == "dense"
+    assert auto.impl == "auto" and auto.impl_for("cpu") == "linear"
+    assert auto.impl_for(torch.device("cuda")) == "dense"
     assert "'auto' (cpu: linear, cuda: dense)" in repr(auto)
     assert CTAL(3, 128, (36, 48), impl="dense").impl_for("cpu") == "dense"
 
@@ -195,7 +196,8 @@ def test_auto_picks_the_cheaper_implementation_per_device():
 def test_auto_runs_the_linear_form_on_cpu_where_it_is_faster(monkeypatch):
     torch.manual_seed(0)
     auto = CTAL(2, 4, (4, 5)).double()                 # break-even: GPU HW > 576/17 = 33.9, CPU HW > 16.9
-    assert choose_impl(2, 4, (4, 5), device="cuda") == "dense" and choose_impl(2, 4, (4, 5), device="cpu") == "linear"
+    assert choose_impl(2, 4, (4, 5), device="cuda") == "dense"
+    assert choose_impl(2, 4, (4, 5), device="cpu") == "linear"
     feats = [torch.randn(1, 4, 4, 5, dtype=torch.float64) for _ in range(2)]
     calls = []
     original = LinearDiffusion.apply
