@@ -34,12 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-# dataset -> {task: output channels}, in the canonical task order; model.py and train.py read it.
-DATASET_TASKS = {
-    'nyuv2':      {'semseg': 13, 'depth': 1, 'normals': 3},
-    'cityscapes': {'semseg': 19, 'depth': 1},
-    'pascal':     {'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1},
-    'synthetic':  {'semseg': 13, 'depth': 1, 'normals': 3},
+# The facts of each dataset, read by train.py, profile.py and the tests: its tasks in canonical order ->
+# output channels; the input size (H, W) and backbone of the papers (CTAL paper Sec. 3.1; synthetic:
+# synthetic.py's default); validation images; the loss weights of the authors' code (each config file
+# repeats its own, so a recipe reads complete; PASCAL semseg is 2.0 for CTAL, 1.0 for the other models).
+DATASETS = {
+    'nyuv2': dict(tasks={'semseg': 13, 'depth': 1, 'normals': 3}, size=(288, 384), val_images=654,
+                  backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}),
+    'cityscapes': dict(tasks={'semseg': 19, 'depth': 1}, size=(128, 256), val_images=500,
+                       backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 10.0}),
+    'pascal': dict(tasks={'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1},
+                   size=(512, 512), val_images=5105, backbone='swinv2_s',
+                   loss_weights={'semseg': 2.0, 'human_parts': 2.0, 'saliency': 5.0, 'edge': 50.0,
+                                 'normals': 10.0}),
+    'synthetic': dict(tasks={'semseg': 13, 'depth': 1, 'normals': 3}, size=(96, 128), val_images=100,
+                      backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}),
 }
 IGNORE = 255
 # The 13-class NYUv2 labels (Couprie et al.), in the order of MTAN's label indices 0..12.
@@ -101,7 +110,7 @@ def _check_split(dataset, split):
 
 def _check_tasks(dataset, tasks):
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
-    known = DATASET_TASKS[dataset]
+    known = DATASETS[dataset]['tasks']
     unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
         raise ValueError(f"{dataset}: tasks must be a non-empty subset of {tuple(known)}, got {tasks}")
@@ -142,7 +151,7 @@ def _as_labels(x, num_classes, path, ignore_values=(-1, IGNORE)):
         raise ValueError(f"{path}: label map must have shape (H, W), got {x.shape}")
     lab = x.astype(np.int64)
     if x.dtype.kind == 'f' and not np.array_equal(lab, x):  # non-integer values, NaN
-        raise ValueError(f"{path}: label map holds non-integer values; expected class indices")
+        raise ValueError(f"{path}: label map holds non-integer (or NaN) values; expected class indices")
     ignore = np.zeros(lab.shape, dtype=bool)
     for v in ignore_values:
         ignore |= lab == v
@@ -160,9 +169,11 @@ def _as_depth(x, path):
     if x.ndim != 3 or x.shape[2] != 1:
         raise ValueError(f"{path}: depth must have shape (H, W, 1) or (H, W), got {x.shape}")
     x = x.astype(np.float32, copy=False)
-    if not (float(x.min()) >= -0.01 and np.isfinite(x).all()):
-        raise ValueError(f"{path}: depth must be finite and >= 0 (0 = invalid), "
-                         f"got range [{float(np.nanmin(x)):.4g}, {float(np.nanmax(x)):.4g}]")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: depth holds {int((~np.isfinite(x)).sum())} NaN / inf values; expected finite "
+                         f"depths >= 0 (0 = invalid)")
+    if not float(x.min()) >= -0.01:
+        raise ValueError(f"{path}: depth must be >= 0 (0 = invalid), found {float(x.min()):.4g}")
     return np.maximum(x, 0)  # resampling residue just below 0 means no measurement: invalid
 
 
@@ -329,11 +340,26 @@ class _MTANDataset(Dataset):
         if odd:
             raise ValueError(f"{self.name}: {self.dir}/image/ must hold 0.npy .. {self.n - 1}.npy "
                              f"(MTAN numbering), found unexpected {odd[:5]}")
-        first = os.path.join(self.dir, 'image', '0.npy')
-        try:
-            self.size = tuple(np.load(first, mmap_mode='r').shape[:2])  # reads the header only
-        except Exception as e:
-            raise ValueError(f"cannot read {first} as a numpy .npy array: {e}") from e
+        self.size = self._check_headers()
+
+    def _check_headers(self):
+        """Every sample file of the split exists and has the split's shape and a numeric dtype, read from
+        the .npy headers only (memory-mapped: no pixel is read). Returns the (H, W) of image 0."""
+        size = None
+        for i in range(self.n):
+            for folder in ['image'] + [self.folders[t] for t in self.tasks]:
+                path = self._path(folder, i)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"missing sample file {path} ({self.split}/image/ has {self.n} files)")
+                try:
+                    x = np.load(path, mmap_mode='r', allow_pickle=False)
+                except Exception as e:
+                    raise ValueError(f"cannot read {path} as a numpy .npy array: {e}") from None
+                size = size or tuple(x.shape[:2])
+                if x.dtype.kind not in 'fiub' or x.ndim not in (2, 3) or tuple(x.shape[:2]) != size:
+                    raise ValueError(f"{path}: a {x.dtype} array of shape {x.shape}; expected numbers of shape "
+                                     f"({size[0]}, {size[1]}[, C]) like {self._path('image', 0)}")
+        return size
 
     def __len__(self):
         return self.n
@@ -345,23 +371,12 @@ class _MTANDataset(Dataset):
         if not 0 <= i < self.n:
             raise IndexError(f"{self.name} {self.split}: index {i} out of range 0..{self.n - 1}")
         path = self._path('image', i)
-        image = _as_image(_read_npy(path), path)
-        if image.shape[:2] != self.size:
-            raise ValueError(f"{path}: image is {image.shape[:2]}, but the split's images are "
-                             f"{self.size} (0.npy); all samples of a split must share one size")
-        sample = {'image': _chw(image)}
+        sample = {'image': _chw(_as_image(_read_npy(path), path))}     # shapes: checked in _check_headers
         for task in self.tasks:
             path = self._path(self.folders[task], i)
             x = _read_npy(path)
-            if task == 'semseg':
-                t = torch.from_numpy(_as_labels(x, self.num_classes, path))
-            elif task == 'depth':
-                t = _chw(_as_depth(x, path))
-            else:
-                t = _chw(_as_normals(x, path))
-            if tuple(t.shape[-2:]) != self.size:
-                raise ValueError(f"{path}: {task} map is {tuple(t.shape[-2:])}, image is {self.size}")
-            sample[task] = t
+            sample[task] = (torch.from_numpy(_as_labels(x, self.num_classes, path)) if task == 'semseg'
+                            else _chw(_as_depth(x, path)) if task == 'depth' else _chw(_as_normals(x, path)))
         if self.augment:
             sample = random_augment(sample, self.scale_crop)
         return sample
@@ -374,7 +389,7 @@ class NYUv2(_MTANDataset):
 
     def __init__(self, root, split='train', tasks=('semseg', 'depth', 'normals'), augment=False,
                  scale_crop=False):
-        super().__init__(root, split, tasks, augment, scale_crop, DATASET_TASKS[self.name]['semseg'])
+        super().__init__(root, split, tasks, augment, scale_crop, DATASETS[self.name]['tasks']['semseg'])
 
 
 class Synthetic(NYUv2):
@@ -541,7 +556,7 @@ class PASCALContext(Dataset):
     name = 'pascal'
 
     def __init__(self, root, split='train', tasks=('semseg', 'human_parts', 'saliency', 'normals', 'edge'),
-                 size=512, augment=False):
+                 size=DATASETS['pascal']['size'], augment=False):
         _check_split(self.name, split)
         self.tasks = _check_tasks(self.name, tasks)
         self.root, self.split, self.augment = root, split, augment
@@ -563,6 +578,23 @@ class PASCALContext(Dataset):
         if not self.ids:
             raise ValueError(f"pascal: {list_file} lists no image id")
         self.valid_normal_classes = _normals_valid_classes(root) if 'normals' in self.tasks else None
+        self._check_files()
+
+    def _check_files(self):
+        """Every file the split's samples need exists (their contents are checked when read)."""
+        context = os.path.join('pascal-context', 'trainval')
+        files = {'image': [('JPEGImages', '.jpg')], 'human_parts': [('human_parts', '.mat')],
+                 'saliency': [('sal_distill', '.png')], 'edge': [(context, '.mat')],
+                 'normals': [('normals_distill', '.png'), (context, '.mat')]}
+        for id_ in self.ids:
+            for folder, ext in [f for key in ('image',) + self.tasks for f in files.get(key, [])]:
+                if not os.path.isfile(self._file(folder, id_ + ext)):
+                    raise FileNotFoundError(f"missing sample file {self._file(folder, id_ + ext)} (listed in "
+                                            f"ImageSets/Context/{self.split}.txt)")
+            if 'semseg' in self.tasks and not any(os.path.isfile(self._file('semseg', d, id_ + '.png'))
+                                                  for d in ('VOC12', 'pascal-context')):
+                raise FileNotFoundError(f"missing sample file: neither semseg/VOC12/{id_}.png nor "
+                                        f"semseg/pascal-context/{id_}.png exists under {self.root}")
 
     def __len__(self):
         return len(self.ids)
@@ -590,7 +622,7 @@ class PASCALContext(Dataset):
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"missing sample file: neither semseg/VOC12/{id_}.png nor "
                                             f"{path} exists")
-                x = _as_labels(_read_pil(path), DATASET_TASKS['pascal']['semseg'], path, (IGNORE,))
+                x = _as_labels(_read_pil(path), DATASETS['pascal']['tasks']['semseg'], path, (IGNORE,))
             elif task == 'human_parts':
                 path = self._file('human_parts', id_ + '.mat')
                 x = human_parts_target(_read_mat(path, 'anno'), shape, path)
@@ -648,7 +680,7 @@ class PASCALContext(Dataset):
         return sample
 
 
-def restore_size(pred, orig_size, size=512):
+def restore_size(pred, orig_size, size=DATASETS['pascal']['size']):
     """Map a PASCALContext-sized prediction (..., size_h, size_w) back to the original (h, w):
     undo the padding, and (bilinearly: pass logits, not class maps) the resize when the image was
     larger than `size`. Images of the PASCAL_MT release (at most 500 px) are only padded at 512."""
@@ -667,12 +699,12 @@ def restore_size(pred, orig_size, size=512):
 
 
 def build_dataset(dataset, root, split, tasks=None, augment=False, **kw):
-    """Dataset by name (a key of DATASET_TASKS). tasks=None means all of the dataset's tasks.
+    """Dataset by name (a key of DATASETS). tasks=None means all of the dataset's tasks.
     kw: nyuv2/synthetic scale_crop; cityscapes labels, scale_crop; pascal size (scale_crop=False only).
     The synthetic set is read from root; synthetic.make_synthetic writes it."""
-    if dataset not in DATASET_TASKS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {tuple(DATASET_TASKS)}")
-    tasks = tuple(DATASET_TASKS[dataset]) if tasks is None else tasks
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {tuple(DATASETS)}")
+    tasks = tuple(DATASETS[dataset]['tasks']) if tasks is None else tasks
     if dataset == 'nyuv2':
         return NYUv2(root, split, tasks, augment, **kw)
     if dataset == 'cityscapes':
@@ -716,7 +748,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest='command', required=True)
     p = sub.add_parser('check', help='read (and validate) every sample of every split (or of --split); '
                                      'print one line per split')
-    p.add_argument('dataset', choices=tuple(DATASET_TASKS))
+    p.add_argument('dataset', choices=tuple(DATASETS))
     p.add_argument('root')
     p.add_argument('--split', choices=SPLITS, help='check only this split (default: all)')
     p.add_argument('--augment', action='store_true')

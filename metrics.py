@@ -1,7 +1,7 @@
 """Per-task losses, evaluation meters and the MTL gain (delta_m): every number a table reports.
 
 Data flow (train.py is the only user):
-  training:   loss = sum_t LOSS_WEIGHTS[dataset][t] * task_loss(t, pred_t, target_t)
+  training:   loss = sum_t w_t * task_loss(t, pred_t, target_t), w_t from data.DATASETS or the config
   evaluation: meters = build_meters(tasks); for each val batch: meters[t].update(pred_t, target_t);
               under DDP meters[t].all_reduce() once at the end; meters[t].compute() -> {name: float};
               delta_m({t: results[t][TASK_METRIC[t][0]]}, STL_REFERENCE[(dataset, backbone)]).
@@ -193,15 +193,6 @@ def task_loss(task, pred, target, normals_form='cosine'):
     return TASK_LOSS[task](pred, target)
 
 
-# total loss = sum_t w_t * (L_initial_t + L_final_t)   (CTAL paper Sec. 2, deep supervision)
-LOSS_WEIGHTS = {
-    'nyuv2': {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0},
-    'cityscapes': {'semseg': 1.0, 'depth': 10.0},
-    'pascal': {'semseg': 2.0, 'human_parts': 2.0, 'saliency': 5.0, 'edge': 50.0, 'normals': 10.0},
-    'synthetic': {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0},
-}
-
-
 # ---------------------------------------------------------------------------------------------- meters
 
 class Meter:
@@ -384,7 +375,7 @@ class EdgeMeter(Meter):
 
 
 def build_meters(tasks):
-    """tasks: dict task -> output channels (e.g. data.DATASET_TASKS['nyuv2']) -> dict task -> meter."""
+    """tasks: dict task -> output channels (e.g. data.DATASETS['nyuv2']['tasks']) -> dict task -> meter."""
     meters = {}
     for task, channels in tasks.items():
         if task in SEG_TASKS:

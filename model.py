@@ -99,6 +99,10 @@ def create_timm_backbone(name, pretrained=None, **kwargs):
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=True, pretrained_strict=False,
                                       pretrained_cfg_overlay=dict(file=path), **kwargs)
+    except Exception as e:          # not a checkpoint, truncated, or tensors of other shapes
+        raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name} ({type(e).__name__}: "
+                         f"{str(e)[:200]}); pretrained takes an ImageNet {name} checkpoint, a checkpoint of "
+                         f"train.py goes to init_from") from None
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
@@ -109,7 +113,8 @@ def create_timm_backbone(name, pretrained=None, **kwargs):
     loaded = [k for k, p in params.items() if not torch.equal(p.detach(), reference[k])]
     if not loaded:
         raise ValueError(f"pretrained weights {path!r} matched no parameter of {name}: expected a {name} "
-                         f"checkpoint (timm key names), got one whose keys/shapes do not fit (see above).")
+                         f"checkpoint (timm key names), got one whose keys/shapes do not fit (see above; a "
+                         f"checkpoint of train.py goes to init_from).")
     print(f"[{name} <- {path}] {len(loaded)} of {len(params)} parameter tensors differ from the random init")
     return model
 
@@ -190,11 +195,15 @@ def load_torchvision_weights(model, path):
     if not isinstance(state, dict) or not state:
         raise ValueError(f"pretrained weights {path!r}: expected a torchvision swin_v2_s state dict, got "
                          f"{type(state).__name__}")
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:                               # tensors of other shapes: another model
+        raise ValueError(f"pretrained weights {path!r} do not fit swin_v2_s: {str(e)[:300]}") from None
     loaded = len(model.state_dict()) - len(result.missing_keys)
     if loaded == 0:
         raise ValueError(f"pretrained weights {path!r} matched no parameter of swin_v2_s: expected a torchvision "
-                         f"swin_v2_s checkpoint (torchvision key names such as 'features.0.0.weight')")
+                         f"swin_v2_s checkpoint (torchvision key names such as 'features.0.0.weight'; a checkpoint of "
+                         f"train.py goes to init_from)")
     print(f"[swin_v2_s <- {path}] loaded {loaded} tensors; missing {len(result.missing_keys)}, "
           f"unexpected {len(result.unexpected_keys)}")
 

@@ -50,18 +50,13 @@ from fractions import Fraction  # noqa: E402
 import torch  # noqa: E402
 
 from ctal import CTAL, choose_impl  # noqa: E402
+from data import DATASETS  # noqa: E402
 
-# data.py and model.py are imported inside the functions that use them: model.py pulls in torchvision,
-# which imports cProfile, which imports `profile` -- this file -- again; importing model.py up here would
+# model.py is imported inside the functions that use it: it pulls in torchvision,
+# which imports cProfile, which imports `profile` -- this file -- again; importing it up here would
 # make that second import circular.
 
-NYUV2_SIZE = (288, 384)
-# input size, validation images and backbone of each dataset (the papers' settings, CTAL paper Sec. 3.1)
-DATASETS = {
-    'nyuv2': dict(size=(288, 384), val_images=654, backbone='hrnet18'),
-    'cityscapes': dict(size=(128, 256), val_images=500, backbone='hrnet18'),
-    'pascal': dict(size=(512, 512), val_images=5105, backbone='swinv2_s'),
-}
+NYUV2_SIZE = DATASETS["nyuv2"]["size"]
 # The papers' resource table, NYUv2 with HRNet-W18 (EMA-Net Tab. 3 = CTAL Tab. 5):
 # (model, scale) -> (params relative to STL, GMAC for a batch of 8, seconds for the val split on one
 # RTX A5000, delta_m). PAP-Net's 521 G matches two propagation iterations (row 'papnet x2').
@@ -190,11 +185,10 @@ def run_measurement(function, device, **kwargs):
 
 def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, device, iters, train):
     """Params, forward FLOPs per image, and time + peak memory of one batch (eval, or train step)."""
-    from data import DATASET_TASKS
     from model import build_model
     torch.manual_seed(0)
     info = DATASETS[dataset]
-    model = build_model(name, DATASET_TASKS[dataset], tuple(img_size), backbone=info["backbone"],
+    model = build_model(name, info["tasks"], tuple(img_size), backbone=info["backbone"],
                         scale=scale, ctal_impl=ctal_impl, pap_iters=pap_iters).to(device)
     params = sum(p.numel() for p in model.parameters())
     images = torch.rand(batch, 3, *img_size, device=device)
@@ -230,7 +224,6 @@ def default_models(backbone):
 
 
 def run_model_table(args):
-    from data import DATASET_TASKS
     from model import build_model
     info = DATASETS[args.dataset]
     img_size = args.img_size or info["size"]
@@ -249,7 +242,7 @@ def run_model_table(args):
                       ctal_impl=args.ctal_impl, pap_iters=pap_iters, batch=args.batch, iters=args.iters)
         if row == "stl" and "stl" not in models:   # only its parameter count, for the relative column
             torch.manual_seed(0)
-            stl = build_model("stl", DATASET_TASKS[args.dataset], tuple(img_size), backbone=backbone)
+            stl = build_model("stl", info["tasks"], tuple(img_size), backbone=backbone)
             stl_params = sum(p.numel() for p in stl.parameters())
             continue
         r = run_measurement("model_stats", args.device, train=False, **common)

@@ -10,5 +10,6 @@ batch_size = 8
 lr = 5e-4
 weight_decay = 1e-4
 scheduler = 'cosine_restarts'   # MS models: warm restarts, T_0 = epochs // 3 (restart_period = None)
+loss_weights = {'semseg': 1.0, 'depth': 10.0}
 restart_mult = 2
 num_workers = 4

@@ -10,4 +10,5 @@ batch_size = 8
 lr = 5e-4
 weight_decay = 1e-4
 scheduler = 'cosine'
+loss_weights = {'semseg': 1.0, 'depth': 10.0}
 num_workers = 4

@@ -14,6 +14,7 @@ lr = 1e-3                # from scratch (no ImageNet weights): higher than the p
 hrnet_bn_momentum = 0.1  # 200 steps: with the authors' 0.01 the eval-mode BN statistics lag (mIoU 2.9 vs 19.2)
 weight_decay = 1e-4
 scheduler = 'cosine'
+loss_weights = {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}
 eval_interval = 1
 log_interval = 10
 num_workers = 0

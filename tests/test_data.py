@@ -56,12 +56,21 @@ def nyu(tmp_path):
     return root, arrays
 
 
-def test_dataset_tasks_table():
-    assert data.DATASET_TASKS['nyuv2'] == {'semseg': 13, 'depth': 1, 'normals': 3}
-    assert data.DATASET_TASKS['cityscapes'] == {'semseg': 19, 'depth': 1}
-    assert data.DATASET_TASKS['pascal'] == {'semseg': 21, 'human_parts': 7, 'saliency': 1,
-                                            'normals': 3, 'edge': 1}
-    assert data.DATASET_TASKS['synthetic'] == data.DATASET_TASKS['nyuv2']
+def test_dataset_facts_table():
+    """Tasks and channels, the papers' sizes / val counts / backbones, the authors' loss weights."""
+    facts = data.DATASETS
+    assert facts['nyuv2']['tasks'] == {'semseg': 13, 'depth': 1, 'normals': 3}
+    assert facts['cityscapes']['tasks'] == {'semseg': 19, 'depth': 1}
+    assert facts['pascal']['tasks'] == {'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1}
+    assert facts['synthetic']['tasks'] == facts['nyuv2']['tasks']
+    assert [facts[d]['size'] for d in ('nyuv2', 'cityscapes', 'pascal')] == [(288, 384), (128, 256), (512, 512)]
+    assert [facts[d]['val_images'] for d in ('nyuv2', 'cityscapes', 'pascal')] == [654, 500, 5105]
+    assert [facts[d]['backbone'] for d in ('nyuv2', 'cityscapes', 'pascal')] == ['hrnet18', 'hrnet18', 'swinv2_s']
+    assert facts['nyuv2']['loss_weights'] == {'semseg': 1, 'depth': 1, 'normals': 1}
+    assert facts['synthetic']['loss_weights'] == facts['nyuv2']['loss_weights']
+    assert facts['cityscapes']['loss_weights'] == {'semseg': 1, 'depth': 10}
+    assert facts['pascal']['loss_weights'] == {'semseg': 2, 'human_parts': 2, 'saliency': 5, 'edge': 50,
+                                               'normals': 10}
     assert len(data.NYU13_CLASSES) == 13
 
 
@@ -164,21 +173,31 @@ def test_missing_root_split_and_sample_errors(nyu, tmp_path):
     with pytest.raises(FileNotFoundError, match='val/normal/'):
         data.NYUv2(root, 'val')
     assert len(data.NYUv2(root, 'val', tasks=('semseg', 'depth'))) == 2  # normals not asked for
-    missing = os.path.join(root, 'train', 'depth', '2.npy')
-    os.remove(missing)
     ds = data.NYUv2(root, 'train')
+    # every file of the split is checked when the dataset is built, from the .npy headers
+    missing = os.path.join(root, 'train', 'depth', '2.npy')
+    os.rename(missing, missing + '.bak')
     with pytest.raises(FileNotFoundError, match=missing):
+        data.NYUv2(root, 'train')
+    with pytest.raises(FileNotFoundError, match=missing):      # also once the dataset exists
         ds[2]
+    os.rename(missing + '.bak', missing)
     corrupt = os.path.join(root, 'train', 'label', '1.npy')
+    good = open(corrupt, 'rb').read()
     with open(corrupt, 'wb') as f:
         f.write(b'not an npy file')
     with pytest.raises(ValueError, match=corrupt):
+        data.NYUv2(root, 'train')
+    with pytest.raises(ValueError, match=corrupt):
         ds[1]
-    np.save(os.path.join(root, 'train', 'depth', '0.npy'), np.ones((5, 16, 1)))
-    with pytest.raises(ValueError, match='depth map is'):
-        ds[0]
-    np.save(os.path.join(root, 'train', 'image', '7.npy'), np.zeros((12, 16, 3)))
-    with pytest.raises(ValueError, match='7.npy'):
+    with open(corrupt, 'wb') as f:
+        f.write(good)
+    shaped = os.path.join(root, 'train', 'depth', '0.npy')
+    np.save(shaped, np.ones((5, 16, 1)))
+    with pytest.raises(ValueError, match=r'shape \(5, 16, 1\); expected numbers of shape \(12, 16'):
+        data.NYUv2(root, 'train')
+    np.save(shaped, np.array([['a'] * 16] * 12))
+    with pytest.raises(ValueError, match='<U1 array'):
         data.NYUv2(root, 'train')
 
 

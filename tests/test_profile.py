@@ -10,7 +10,7 @@ import torch
 
 import profile
 from ctal import CTAL
-from data import DATASET_TASKS
+from data import DATASETS
 from model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +24,8 @@ def test_model_table_prints_every_requested_model(capsys):
     for name in models:
         assert any(line.startswith(name + " ") for line in printed.splitlines()), name
     assert list(rows) == models
-    stl = build_model("stl", DATASET_TASKS["nyuv2"], (64, 96))
-    mtl = build_model("mtl", DATASET_TASKS["nyuv2"], (64, 96))
+    stl = build_model("stl", DATASETS["nyuv2"]["tasks"], (64, 96))
+    mtl = build_model("mtl", DATASETS["nyuv2"]["tasks"], (64, 96))
     n_stl, n_mtl = (sum(p.numel() for p in m.parameters()) for m in (stl, mtl))
     assert rows["mtl"]["params"] == n_mtl
     assert rows["mtl"]["rel_params"] == pytest.approx(n_mtl / n_stl)

@@ -1,0 +1,118 @@
+"""Data-parallel training that computes what one process would (torchrun + torch.distributed).
+
+`batch_size` is the global batch: each epoch's order is DistributedSampler's permutation (randperm seeded
+by seed + epoch) and rank r takes every W-th index, so the union of the ranks' j-th batches is the
+one-process j-th batch; each sample's augmentation is drawn from an RNG seeded by (seed, epoch, index)
+alone (SeededAugmentation), whatever worker, rank or resume point loads it; BatchNorm statistics are
+taken over the global batch (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm over gloo on CPU). One process
+and W processes then compute the same step, to float rounding.
+"""
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from config import UserError
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    want = cfg['device'] if cfg['device'] != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device('cpu')
+    if want.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={cfg['device']!r}: CUDA is not available here; use --device=cpu")
+        device = torch.device('cuda', local_rank if world > 1 else torch.device(want).index or 0)
+        torch.cuda.set_device(device)
+    if cfg['batch_size'] % world:
+        raise UserError(f"batch_size={cfg['batch_size']} (the global batch) must divide among {world} processes")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+
+def all_reduce_sum(x):
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def differentiable_all_reduce(x):
+    """Sum over ranks whose backward sums the gradients over ranks too (torch.distributed.nn's version
+    warns that it is deprecated in favour of _functional_collectives, which has no autograd)."""
+    from torch.distributed.nn.functional import all_reduce
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        return all_reduce(x)
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with training statistics over the global batch of all ranks, for gloo (nn.SyncBatchNorm
+    is GPU-only). The running variance gets the unbiased variance, as nn.BatchNorm2d on the whole batch;
+    the all-reduces are differentiable, so each rank's backward sees the others' share of the statistics."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        count = differentiable_all_reduce(x.new_tensor([x.numel() / x.shape[1]]))     # pixels per channel
+        mean = differentiable_all_reduce(x.sum((0, 2, 3))) / count                    # (C,)
+        centred = x - mean[:, None, None]
+        var = differentiable_all_reduce((centred ** 2).sum((0, 2, 3))) / count        # two-pass: stable
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * count / (count - 1).clamp(min=1))
+        return centred * torch.rsqrt(var + self.eps)[:, None, None] * self.weight[:, None, None] \
+            + self.bias[:, None, None]
+
+
+def convert_sync_batchnorm(module, device):
+    if device.type == 'cuda':
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d and child.affine and child.track_running_stats \
+                and child.momentum is not None:
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return module
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Each sample's augmentation draws from a torch RNG seeded by (seed, epoch, index) alone, so a sample
+    is the same whatever the worker, rank or resume point that loads it."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+            return self.dataset[i]
+
+
+def epoch_batches(n, epoch, cfg, rank, world, start=0):
+    """This rank's batches (lists of indices) of one epoch: DistributedSampler's permutation (randperm
+    seeded by seed + epoch, every world-th index), last partial batch dropped, at most max_iters of them;
+    `start` skips those already done (resume)."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=cfg['seed'], drop_last=True)
+    sampler.set_epoch(epoch)
+    order, b = list(sampler), cfg['batch_size'] // world
+    batches = [order[i:i + b] for i in range(0, len(order) - b + 1, b)]
+    return batches[:cfg['max_iters'] or None][start:]

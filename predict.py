@@ -1,0 +1,79 @@
+"""Run a checkpoint of train.py (ckpt.pt or best.pt) on your own images and save coloured predictions.
+
+    python predict.py out/nyuv2_ctal_ss/best.pt photo1.jpg photo2.png [--out_dir predictions] [--device cpu]
+
+Data flow: image file -> RGB (3, h, w) in [0, 1] -> resized (bilinear) to the input size the model was
+trained at (CTAL's grid is fixed by it) -> model -> each task's raw output resized back to (h, w) ->
+<out_dir>/<image name>_pred.png: the input and one panel per task, coloured as in vis.py (class colours,
+viridis depth, normals as RGB, saliency / edge probability in grey).
+"""
+import argparse
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import UserError
+from train import build_net, load_checkpoint, load_weights
+from vis import save_prediction_grid
+
+
+def read_image(path):
+    """An image file -> float32 (3, h, w) in [0, 1]."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert('RGB'), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} as an image: {e}") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+@torch.no_grad()
+def predict(checkpoint, paths, out_dir, device='cpu'):
+    """Predict every image of `paths` with the checkpoint's model; returns the PNG files written."""
+    if not re.fullmatch(r'cpu|cuda(:\d+)?', device) or (device != 'cpu' and not torch.cuda.is_available()):
+        raise UserError(f"device {device!r}: expected cpu, or cuda / cuda:N where CUDA is available")
+    device = torch.device(device)
+    ckpt = load_checkpoint(checkpoint, device)
+    cfg, size = ckpt['config'], tuple(ckpt.get('input_size', ()))
+    if len(size) != 2:
+        raise UserError(f"{checkpoint} does not record its input size (written by an older train.py)")
+    net = build_net(dict(cfg, pretrained=None), size, device)
+    load_weights(net, ckpt, checkpoint)
+    net.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for path in paths:
+        image = read_image(path)
+        h, w = image.shape[-2:]
+        x = F.interpolate(image[None].to(device), size, mode='bilinear', align_corners=False)
+        out = net(x)
+        predictions = {t: F.interpolate(out[t].float(), (h, w), mode='bilinear', align_corners=False).cpu()
+                       for t in cfg['tasks']}                                         # (1, K_t, h, w)
+        written.append(os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '_pred.png'))
+        save_prediction_grid(written[-1], image[None], predictions)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('checkpoint', help="a train.py checkpoint (out/<run>/best.pt or ckpt.pt)")
+    parser.add_argument('images', nargs='+', help='image files (anything PIL reads)')
+    parser.add_argument('--out_dir', default='predictions', help='where the PNGs go (default: predictions)')
+    parser.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (default: cpu)')
+    args = parser.parse_args(argv)
+    try:
+        for path in predict(args.checkpoint, args.images, args.out_dir, args.device):
+            print(path)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
