@@ -209,6 +209,20 @@ def hflip(sample):
     return out
 
 
+def resize_sample(sample, size, **image_options):
+    """Every map of a sample resized to size (h, w): the image bilinearly (F.interpolate's image_options),
+    the targets nearest, so a class, a validity mask or a unit normal stays one. Other entries pass."""
+    out = {}
+    for key, v in sample.items():
+        if torch.is_tensor(v) and v.dim() >= 2:
+            x = v.reshape(1, -1, *v.shape[-2:]).float()
+            x = (F.interpolate(x, size, mode='bilinear', **image_options) if key == 'image'
+                 else F.interpolate(x, size, mode='nearest'))
+            v = x.reshape(*v.shape[:-2], *size).to(v.dtype)
+        out[key] = v
+    return out
+
+
 def scale_crop(sample, scale, top, left):
     """MTAN's scale augmentation: crop an (H/scale, W/scale) window at (top, left) and resize it back to
     (H, W). The scene then looks `scale` times closer, so depth is divided by `scale` (MTAN's augmentation; for
@@ -220,19 +234,11 @@ def scale_crop(sample, scale, top, left):
     h, w = int(H / scale), int(W / scale)
     if not (0 <= top <= H - h and 0 <= left <= W - w):
         raise ValueError(f"crop window ({top}, {left}, {h}, {w}) is outside the {H}x{W} image")
-    out = {}
-    for key, v in sample.items():
-        if not (torch.is_tensor(v) and v.dim() >= 2):
-            out[key] = v
-            continue
-        crop = v[..., top:top + h, left:left + w]
-        batched = crop.reshape(1, -1, h, w).float()
-        if key == 'image':
-            r = F.interpolate(batched, size=(H, W), mode='bilinear', align_corners=True)
-        else:
-            r = F.interpolate(batched, size=(H, W), mode='nearest')
-        r = r.reshape(v.shape).to(v.dtype)
-        out[key] = r / scale if key == 'depth' else r
+    crop = {k: v[..., top:top + h, left:left + w] if torch.is_tensor(v) and v.dim() >= 2 else v
+            for k, v in sample.items()}
+    out = resize_sample(crop, (H, W), align_corners=True)
+    if 'depth' in out:
+        out['depth'] = out['depth'] / scale
     return out
 
 
@@ -280,18 +286,12 @@ def pascal_augment(sample, size):
     nh, nw = int(h * s), int(w * s)
     ph, pw = max(H - nh, 0), max(W - nw, 0)
     top, left = int(torch.randint(max(nh - H, 0) + 1, ())), int(torch.randint(max(nw - W, 0) + 1, ()))
-    out = {}
-    for key, v in sample.items():
-        if not (torch.is_tensor(v) and v.dim() >= 2):
-            out[key] = v
-            continue
-        x = v.reshape(1, -1, h, w).float()
-        x = (F.interpolate(x, (nh, nw), mode='bilinear', align_corners=False) if key == 'image'
-             else F.interpolate(x, (nh, nw), mode='nearest'))
-        fill = 0.0 if key in ('image', 'normals') else IGNORE
-        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=fill)
-        x = x[..., top:top + H, left:left + W]
-        out[key] = x.reshape(*v.shape[:-2], H, W).to(v.dtype)
+    out = resize_sample(sample, (nh, nw))
+    for key, v in out.items():
+        if torch.is_tensor(v) and v.dim() >= 2:
+            fill = 0.0 if key in ('image', 'normals') else IGNORE
+            x = F.pad(v.reshape(1, -1, nh, nw).float(), (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=fill)
+            out[key] = x[..., top:top + H, left:left + W].reshape(*v.shape[:-2], H, W).to(v.dtype)
     if float(torch.rand(())) < 0.5:
         out = hflip(out)
     out['image'] = photometric_distortion(out['image'])
@@ -554,6 +554,10 @@ class PASCALContext(Dataset):
     crop its top-left round(h*s) x round(w*s), s = min(1, size_h/h, size_w/w), and resize that to
     (h, w) = sample['meta']['size'] (see `restore_size`)."""
     name = 'pascal'
+    # the files each entry of a sample is read from, (folder, extension); semseg: see _semseg_path
+    FILES = {'image': [('JPEGImages', '.jpg')], 'semseg': [], 'human_parts': [('human_parts', '.mat')],
+             'saliency': [('sal_distill', '.png')], 'edge': [('pascal-context/trainval', '.mat')],
+             'normals': [('normals_distill', '.png'), ('pascal-context/trainval', '.mat')]}
 
     def __init__(self, root, split='train', tasks=('semseg', 'human_parts', 'saliency', 'normals', 'edge'),
                  size=DATASETS['pascal']['size'], augment=False):
@@ -566,11 +570,8 @@ class PASCALContext(Dataset):
         list_file = os.path.join(root, 'ImageSets', 'Context', f'{split}.txt')
         if not os.path.isfile(list_file):
             raise _missing_data_error(self.name, root, f"the split list ImageSets/Context/{split}.txt")
-        needed = {'image': ['JPEGImages'], 'semseg': ['semseg'], 'human_parts': ['human_parts'],
-                  'saliency': ['sal_distill'], 'normals': ['normals_distill', 'pascal-context/trainval'],
-                  'edge': ['pascal-context/trainval']}
         for key in ('image',) + self.tasks:
-            for folder in needed[key]:
+            for folder in [f for f, _ in self.FILES[key]] or ['semseg']:
                 if not os.path.isdir(os.path.join(root, folder)):
                     raise _missing_data_error(self.name, root, f"folder {folder}/ (for {key})")
         with open(list_file) as f:
@@ -582,19 +583,20 @@ class PASCALContext(Dataset):
 
     def _check_files(self):
         """Every file the split's samples need exists (their contents are checked when read)."""
-        context = os.path.join('pascal-context', 'trainval')
-        files = {'image': [('JPEGImages', '.jpg')], 'human_parts': [('human_parts', '.mat')],
-                 'saliency': [('sal_distill', '.png')], 'edge': [(context, '.mat')],
-                 'normals': [('normals_distill', '.png'), (context, '.mat')]}
         for id_ in self.ids:
-            for folder, ext in [f for key in ('image',) + self.tasks for f in files.get(key, [])]:
+            for folder, ext in [f for key in ('image',) + self.tasks for f in self.FILES[key]]:
                 if not os.path.isfile(self._file(folder, id_ + ext)):
                     raise FileNotFoundError(f"missing sample file {self._file(folder, id_ + ext)} (listed in "
                                             f"ImageSets/Context/{self.split}.txt)")
-            if 'semseg' in self.tasks and not any(os.path.isfile(self._file('semseg', d, id_ + '.png'))
-                                                  for d in ('VOC12', 'pascal-context')):
-                raise FileNotFoundError(f"missing sample file: neither semseg/VOC12/{id_}.png nor "
-                                        f"semseg/pascal-context/{id_}.png exists under {self.root}")
+            if 'semseg' in self.tasks:
+                self._semseg_path(id_)
+
+    def _semseg_path(self, id_):
+        for folder in ('VOC12', 'pascal-context'):
+            if os.path.isfile(self._file('semseg', folder, id_ + '.png')):
+                return self._file('semseg', folder, id_ + '.png')
+        raise FileNotFoundError(f"missing sample file: neither semseg/VOC12/{id_}.png nor "
+                                f"semseg/pascal-context/{id_}.png exists under {self.root}")
 
     def __len__(self):
         return len(self.ids)
@@ -616,12 +618,7 @@ class PASCALContext(Dataset):
             self._check_shape(context, shape, path)
         for task in self.tasks:
             if task == 'semseg':
-                path = self._file('semseg', 'VOC12', id_ + '.png')
-                if not os.path.isfile(path):
-                    path = self._file('semseg', 'pascal-context', id_ + '.png')
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"missing sample file: neither semseg/VOC12/{id_}.png nor "
-                                            f"{path} exists")
+                path = self._semseg_path(id_)
                 x = _as_labels(_read_pil(path), DATASETS['pascal']['tasks']['semseg'], path, (IGNORE,))
             elif task == 'human_parts':
                 path = self._file('human_parts', id_ + '.mat')
@@ -652,14 +649,8 @@ class PASCALContext(Dataset):
         h, w = sample['image'].shape[-2:]
         s = min(1.0, H / h, W / w)
         if s < 1.0:
-            nh, nw = round(h * s), round(w * s)
-            for key, v in sample.items():
-                if torch.is_tensor(v):
-                    x = v.reshape(1, -1, h, w).float()
-                    x = (F.interpolate(x, (nh, nw), mode='bilinear', align_corners=False, antialias=True)
-                         if key == 'image' else F.interpolate(x, (nh, nw), mode='nearest'))
-                    sample[key] = x.reshape(*v.shape[:-2], nh, nw).to(v.dtype)
-            h, w = nh, nw
+            h, w = round(h * s), round(w * s)
+            sample = resize_sample(sample, (h, w), antialias=True)
         pad_value = {'image': 0.0, 'normals': 0.0}  # zero normal = invalid; others: ignore
         for key, v in sample.items():
             if torch.is_tensor(v):  # (F.pad is ~50x slower than this on int64 maps)

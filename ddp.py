@@ -5,9 +5,12 @@ by seed + epoch) and rank r takes every W-th index, so the union of the ranks' j
 one-process j-th batch; each sample's augmentation is drawn from an RNG seeded by (seed, epoch, index)
 alone (SeededAugmentation), whatever worker, rank or resume point loads it; BatchNorm statistics are
 taken over the global batch (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm over gloo on CPU). One process
-and W processes then compute the same step, to float rounding.
+and W processes then compute the same step, to float rounding. Ctrl-C / SIGTERM stop every rank after the
+same step (StopFlag), so the checkpoint then written is one state of the whole run.
 """
 import os
+import signal
+import threading
 import warnings
 
 import numpy as np
@@ -116,3 +119,34 @@ def epoch_batches(n, epoch, cfg, rank, world, start=0):
     order, b = list(sampler), cfg['batch_size'] // world
     batches = [order[i:i + b] for i in range(0, len(order) - b + 1, b)]
     return batches[:cfg['max_iters'] or None][start:]
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: a checkpoint was saved."""
+
+
+class StopFlag:
+    """SIGINT / SIGTERM set a flag; the ranks agree on it before each step and stop after a whole step
+    with a checkpoint. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():     # signal handlers live there only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              f"(Ctrl-C again to abort without saving)", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, device):
+        return all_reduce_sum(torch.tensor(float(self.requested), device=device)) > 0

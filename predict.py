@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_checkpoint, load_weights
 from config import UserError
-from train import build_net, load_checkpoint, load_weights
+from train import build_net
 from vis import save_prediction_grid
 
 

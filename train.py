@@ -21,16 +21,15 @@ float rounding), and a run resumed from ckpt.pt (written at epoch ends, or mid-e
 repeats the uninterrupted run's losses exactly on CPU; log.jsonl is cut back to the checkpoint.
 
 out_dir: config.json, log.jsonl, results.json, vis_epochNNN.png, curves.png, ckpt.pt, best.pt.
+Beside this loop: config.py (argparse over the defaults), ddp.py (processes, synchronised BatchNorm, stopping
+together), checkpoint.py (the run's files, resume, the delta_m reference), vis.py (the pictures).
 """
 import json
 import math
 import os
-import platform
 import random
 import re
-import signal
 import sys
-import threading
 import time
 
 import numpy as np
@@ -39,12 +38,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from baselines import FPM_SOFTMAXES, PAP_AFFINITIES
+from checkpoint import (check_out_dir, check_resume, cut_log, json_safe, load_checkpoint, load_reference, load_weights,
+                        rng_state, save_checkpoint, set_rng_state, versions, write_json)
 from config import UserError, parse_config as read_config
 from ctal import CTAL, FUSIONS, IMPLS
 from data import DATASETS, build_dataset
-from ddp import (SeededAugmentation, all_reduce_sum, barrier, convert_sync_batchnorm, epoch_batches,
-                 setup_distributed)
-from metrics import NORMALS_LOSSES, STL_REFERENCE, TASK_METRIC, build_meters, delta_m, task_loss
+from ddp import (Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, convert_sync_batchnorm,
+                 epoch_batches, setup_distributed)
+from metrics import NORMALS_LOSSES, TASK_METRIC, build_meters, delta_m, task_loss
 from model import BACKBONES, MODEL_NAMES, build_model
 from synthetic import make_synthetic
 from vis import save_curves, save_prediction_grid
@@ -114,15 +115,10 @@ AT_LEAST = {'epochs': 1, 'batch_size': 1, 'eval_interval': 1, 'log_interval': 1,
 # what a resumed run may change; any other difference from the checkpoint's config is refused
 RESUMABLE_CHANGES = ('data_root', 'out_dir', 'resume', 'eval_only', 'epochs', 'eval_interval', 'log_interval',
                      'vis_images', 'stl_results', 'device', 'num_workers', 'bf16', 'ctal_impl')
-RUN_FILES = re.compile(r'(config\.json|log\.jsonl|results\.json|ckpt\.pt|best\.pt|curves\.png|vis_epoch\d+\.png)$')
 
 
 class NonFiniteLoss(UserError):
     """A task's loss became NaN/inf: training stops, the last good checkpoint is kept."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C / SIGTERM: a checkpoint was saved."""
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -285,30 +281,8 @@ def save_val_grid(net, val_set, cfg, device, path):
                          {t: torch.stack([s[t] for s in samples]) for t in cfg['tasks']})
 
 
-def load_reference(cfg):
-    """The delta_m baseline: ({task: metric}, where from), or (None, why not and what to do)."""
-    path, key = cfg['stl_results'], (cfg['dataset'], cfg['backbone'])
-    if path is None:
-        if key in STL_REFERENCE:
-            return {t: STL_REFERENCE[key][t] for t in cfg['tasks']}, f"the papers' STL {key}"
-        return None, (f"no paper STL reference for {key}: train `configs/{cfg['dataset']}_stl.py` with the same "
-                      f"epochs and seed, then pass --stl_results=<its out_dir>/results.json")
-    if os.path.abspath(path) == os.path.abspath(os.path.join(cfg['out_dir'], 'results.json')):
-        return None, f"this run is the STL reference: {path} is the other models' delta_m baseline"
-    if not os.path.isfile(path):
-        return None, (f"the STL results file {path} does not exist (yet): run the STL model with the same "
-                      f"recipe first, e.g. `python train.py configs/{cfg['dataset']}_stl.py`")
-    try:
-        with open(path) as f:
-            stl = json.load(f)
-        dataset, metrics = stl['config']['dataset'], stl['final']['metrics']
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"stl_results={path}: not a results.json of train.py ({type(e).__name__}: {e})") from None
-    if dataset != cfg['dataset']:
-        raise UserError(f"stl_results={path} is a {dataset} run; this is {cfg['dataset']}")
-    if any(t not in metrics for t in cfg['tasks']):
-        return None, f"{path} has no results for some of {cfg['tasks']}"
-    return {t: metrics[t][TASK_METRIC[t][0]] for t in cfg['tasks']}, f"STL run {path}"
+def format_delta(dm):
+    return 'n/a' if dm is None else f'{dm:+.2f} %'
 
 
 def format_metrics(metrics, reference=None):
@@ -320,138 +294,7 @@ def format_metrics(metrics, reference=None):
     return '\n'.join(lines)
 
 
-# ------------------------------------------------------------------------------------------ files
-
-def json_safe(x):
-    """x with every NaN / inf float replaced by None, so the files written are valid JSON (null)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    return [json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
-def write_json(path, obj):
-    with open(path, 'w') as f:
-        json.dump(json_safe(obj), f, indent=1, allow_nan=False)
-
-
-def save_checkpoint(path, state):
-    """Write to path + '.tmp', then os.replace: a crash mid-write never leaves a truncated file."""
-    tmp = path + '.tmp'
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path, device):
-    """A checkpoint of this project (ckpt.pt / best.pt), or a UserError saying what the file is not."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:                    # truncated, empty, not a torch file
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or not {'model', 'config'} <= set(ckpt):
-        raise UserError(f"{path} is not a checkpoint of train.py (no 'model' and 'config' in it); an ImageNet "
-                        f"backbone file goes to --pretrained")
-    return ckpt
-
-
-def load_weights(net, ckpt, path):
-    try:
-        net.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        was = {k: ckpt['config'].get(k) for k in ('dataset', 'model', 'backbone', 'tasks', 'scale')}
-        raise UserError(f"{path} does not fit this model: it holds {was}; "
-                        f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
-
-
-def check_resume(cfg, ckpt, path):
-    changed = {k: (ckpt['config'].get(k), v) for k, v in cfg.items()
-               if k not in RESUMABLE_CHANGES and ckpt['config'].get(k) != v}
-    if changed:
-        lines = ', '.join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in changed.items())
-        raise UserError(f"resume: this config differs from the run in {path} ({lines}). Resume with the run's "
-                        f"own config (its config.json), or start a new run with another --out_dir")
-    if 'progress' not in ckpt:
-        raise UserError(f"{path} holds weights only (best.pt); resume needs the run's ckpt.pt")
-
-
-def check_out_dir(cfg):
-    """A new run refuses a folder holding another run's files, so nothing is overwritten or mixed."""
-    out_dir = cfg['out_dir']
-    if cfg['resume'] or cfg['eval_only'] or not os.path.isdir(out_dir):
-        return
-    found = sorted(f for f in os.listdir(out_dir) if RUN_FILES.match(f))
-    if found:
-        how = "--resume=True continues it" if 'ckpt.pt' in found else "its ckpt.pt is gone, it cannot be resumed"
-        raise UserError(f"{out_dir} holds another run's files ({', '.join(found[:4])}{', ...' * (len(found) > 4)}): "
-                        f"{how}; or pass another --out_dir (or delete the folder) to start over")
-
-
-def cut_log(path, size):
-    """Resume: records written after the checkpoint will be written again; drop them."""
-    if os.path.exists(path) and os.path.getsize(path) > size:
-        with open(path, 'r+b') as f:
-            f.truncate(size)
-
-
-def rng_state(device):
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state['torch'].cpu())
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
-    if device.type == 'cuda' and 'cuda' in state:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
-
-
-def versions(device, world):
-    import timm
-    import torchvision
-    return {'python': platform.python_version(), 'torch': torch.__version__, 'torchvision': torchvision.__version__,
-            'timm': timm.__version__, 'numpy': np.__version__, 'cuda': torch.version.cuda,
-            'device': torch.cuda.get_device_name(device) if device.type == 'cuda'
-            else (platform.processor() or platform.machine()), 'world_size': world, 'threads': torch.get_num_threads()}
-
-
 # ------------------------------------------------------------------------------------------ training
-
-class StopFlag:
-    """SIGINT / SIGTERM set a flag; the ranks agree on it before each step and stop after a whole step
-    with a checkpoint. A second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.requested, self.previous = False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():     # signal handlers live there only
-            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-              f"(Ctrl-C again to abort without saving)", flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self, device):
-        return all_reduce_sum(torch.tensor(float(self.requested), device=device)) > 0
-
 
 class Run:
     """One run's objects, and its progress: `epoch` epochs done plus `batches_done` steps of the next."""
@@ -472,6 +315,12 @@ class Run:
         self.steps_per_epoch = len(epoch_batches(len(train_set), 0, cfg, rank, world))
         self.timing = {'steps': 0, 'step_s': 0.0, 'evals': 0, 'eval_s': 0.0, 'start': time.time(), 'before': 0.0}
         self.path = lambda name: os.path.join(cfg['out_dir'], name)
+
+    def score(self):
+        """The model on the val split: {'val_loss', 'delta_m' (None without a reference), 'metrics'}."""
+        metrics, val_loss = evaluate(self.net, self.val_set, self.cfg, self.device, self.rank, self.world)
+        dm = delta_m({t: metrics[t] for t in self.reference}, self.reference) if self.reference else None
+        return {'val_loss': val_loss, 'delta_m': dm, 'metrics': metrics}
 
     def say(self, *args, **kw):
         if self.master:
@@ -582,13 +431,10 @@ def train_one_epoch(run, epoch, stop):
 def evaluate_run(run, epoch):
     """Evaluate, log, keep best.pt (highest delta_m; lowest val loss without a reference), draw."""
     t0 = time.time()
-    metrics, val_loss = evaluate(run.net, run.val_set, run.cfg, run.device, run.rank, run.world)
-    dm = delta_m({t: metrics[t] for t in run.reference}, run.reference) if run.reference else None
-    record = {'type': 'eval', 'epoch': epoch, 'step': run.progress['step'], 'val_loss': val_loss, 'delta_m': dm,
-              'metrics': metrics}
+    record = {'type': 'eval', 'epoch': epoch, 'step': run.progress['step'], **run.score()}
     run.log(record)
     run.progress['last'] = record
-    score = dm if dm is not None else -val_loss
+    score = record['delta_m'] if record['delta_m'] is not None else -record['val_loss']
     best = run.progress['best']
     if best is None or (math.isfinite(score) and not score <= best['score']):
         run.progress['best'] = dict(record, score=score)
@@ -600,8 +446,8 @@ def evaluate_run(run, epoch):
         save_curves(run.path('log.jsonl'), run.cfg['tasks'], run.path('curves.png'))
     run.timing['evals'] += 1
     run.timing['eval_s'] += time.time() - t0
-    run.say(f"eval epoch {epoch}: val loss {val_loss:.4f}, delta_m {'n/a' if dm is None else f'{dm:+.2f} %'} "
-            f"({time.time() - t0:.1f} s)\n{format_metrics(metrics, run.reference)}")
+    run.say(f"eval epoch {epoch}: val loss {record['val_loss']:.4f}, delta_m {format_delta(record['delta_m'])} "
+            f"({time.time() - t0:.1f} s)\n{format_metrics(record['metrics'], run.reference)}")
 
 
 def train(run):
@@ -657,7 +503,7 @@ def setup(cfg):
     if cfg['resume'] or cfg['eval_only'] or cfg['init_from']:
         ckpt = load_checkpoint(ckpt_path, device)
         if cfg['resume']:
-            check_resume(cfg, ckpt, ckpt_path)
+            check_resume(cfg, ckpt, ckpt_path, RESUMABLE_CHANGES)
         load_weights(net, ckpt, ckpt_path)
     run = Run(cfg, rank, world, device, net, train_set, val_set)
     if run.steps_per_epoch == 0 and not cfg['eval_only']:
@@ -681,17 +527,15 @@ def describe(run):
 
 def score_checkpoint(run, ckpt_path):
     """eval_only: metrics, delta_m and the PNG grid of the loaded weights -> out_dir/eval.json."""
-    metrics, val_loss = evaluate(run.net, run.val_set, run.cfg, run.device, run.rank, run.world)
-    dm = delta_m({t: metrics[t] for t in run.reference}, run.reference) if run.reference else None
-    result = {'checkpoint': ckpt_path, 'val_loss': val_loss, 'delta_m': dm, 'metrics': metrics,
+    result = {'checkpoint': ckpt_path, **run.score(),
               'reference': {'source': run.reference_source, 'values': run.reference}, 'config': run.cfg}
     if run.master:
         os.makedirs(run.cfg['out_dir'], exist_ok=True)
         write_json(run.path('eval.json'), result)
         save_val_grid(run.net, run.val_set, run.cfg, run.device, run.path('vis_eval.png'))
-    run.say(f"{ckpt_path} on the {run.cfg['dataset']} val split (val loss {val_loss:.4f}):\n"
-            f"{format_metrics(metrics, run.reference)}\n  delta_m: "
-            f"{'n/a (' + run.reference_source + ')' if dm is None else f'{dm:+.2f} %'}")
+    run.say(f"{ckpt_path} on the {run.cfg['dataset']} val split (val loss {result['val_loss']:.4f}):\n"
+            f"{format_metrics(result['metrics'], run.reference)}\n  delta_m: {format_delta(result['delta_m'])} "
+            f"(reference: {run.reference_source})")
     return result
 
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import train
 from conftest import write_pascal_sample
 from data import DATASETS
-from metrics import TASK_METRIC, delta_m
+from metrics import STL_REFERENCE, TASK_METRIC, delta_m
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (32, 64)     # smallest input the backbones take (multiples of 32)
@@ -299,7 +300,7 @@ def test_nan_loss_stops_naming_the_task_and_keeps_the_last_good_checkpoint(synth
 
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pt')
-    train.save_checkpoint(path, {'epoch': 1})
+    checkpoint.save_checkpoint(path, {'epoch': 1})
     real_save = torch.save
 
     def crash_mid_write(obj, f):
@@ -309,7 +310,7 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', crash_mid_write)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, {'epoch': 2})
+        checkpoint.save_checkpoint(path, {'epoch': 2})
     monkeypatch.setattr(torch, 'save', real_save)
     assert torch.load(path) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['ckpt.pt']
@@ -425,12 +426,12 @@ def test_pascal_five_tasks_with_swin(tmp_path):
     tasks = ('semseg', 'human_parts', 'saliency', 'normals', 'edge')
     assert tuple(res['final']['metrics']) == tasks
     assert 0 <= res['final']['metrics']['saliency']['maxF'] <= 100 and res['final']['metrics']['edge']['loss'] > 0
-    assert res['reference']['values'] == {t: train.STL_REFERENCE[('pascal', 'swinv2_s')][t] for t in tasks}
+    assert res['reference']['values'] == {t: STL_REFERENCE[('pascal', 'swinv2_s')][t] for t in tasks}
     assert math.isfinite(res['final']['delta_m'])
     assert Image.open(out / 'vis_epoch002.png').size == (11 * 128, 16 + 2 * 128)   # input + 5 x (GT, pred)
 
 
 def test_json_written_is_valid_json_nan_becomes_null():
     record = {'a': float('nan'), 'b': [1.0, float('inf'), {'c': -float('inf')}], 'd': (2, 'x'), 'e': 0.5}
-    text = json.dumps(train.json_safe(record), allow_nan=False)
+    text = json.dumps(checkpoint.json_safe(record), allow_nan=False)
     assert json.loads(text) == {'a': None, 'b': [1.0, None, {'c': None}], 'd': [2, 'x'], 'e': 0.5}
