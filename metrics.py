@@ -55,7 +55,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255           # seg / saliency / edge label to skip
+from data import IGNORE        # the label to skip (seg / saliency / edge), defined with the data format
+
 EDGE_POS_WEIGHT = 0.95       # weight of the positive (edge) term of the edge loss, as MTI-Net / ATRC
 NORMALS_EPS = 1e-12          # eps of the prediction normalisation (F.normalize's default)
 DEPTH_EVAL_MIN = 1e-9        # depth predictions <= 0 are evaluated as this (the authors' eval_depth)
@@ -97,10 +98,10 @@ def _check(task, pred, target, channels=None):
 
 def _check_labels(task, target, num_classes):
     """Labels must be in [0, K) or 255; a stray label would otherwise be a cryptic CUDA assert."""
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORE
     labels = target[valid]
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{task}: target labels must be in [0, {num_classes}) or {IGNORE_INDEX} (ignore), "
+        raise ValueError(f"{task}: target labels must be in [0, {num_classes}) or {IGNORE} (ignore), "
                          f"got values in [{int(labels.min())}, {int(labels.max())}]")
 
 
@@ -110,8 +111,8 @@ def segmentation_loss(pred, target, task='semseg'):
     """Cross-entropy over the non-ignored pixels. pred (B, K, H, W) logits, target (B, H, W) int64."""
     _check(task, pred, target)
     _check_labels(task, target, pred.shape[1])
-    n_valid = (target != IGNORE_INDEX).sum()
-    ce = F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction='sum')
+    n_valid = (target != IGNORE).sum()
+    ce = F.cross_entropy(pred.float(), target, ignore_index=IGNORE, reduction='sum')
     return ce / n_valid.clamp(min=1)   # sum / count instead of 'mean': 0 rather than NaN when all ignored
 
 
@@ -148,7 +149,7 @@ def normals_loss(pred, target, form='cosine'):
 def _balanced_bce_sum(logits, target, pos_weight=None):
     """Weighted per-pixel BCE summed over the valid pixels, and the number of valid pixels.
     logits, target (B, 1, H, W); pos_weight None = the batch's fraction of negatives (saliency)."""
-    valid = target != IGNORE_INDEX
+    valid = target != IGNORE
     pos = valid & (target >= 0.5)
     neg = valid & ~pos
     n_valid = valid.sum()
@@ -246,7 +247,7 @@ class SegmentationMeter(Meter):
         _check(self.task, pred, target, K)
         _check_labels(self.task, target, K)
         label = pred.argmax(1)                                   # (B, H, W)
-        valid = target != IGNORE_INDEX
+        valid = target != IGNORE
         index = target[valid] * K + label[valid]                 # row = target, column = prediction
         self._add(confusion=torch.bincount(index, minlength=K * K).view(K, K))
 
@@ -334,7 +335,7 @@ class SaliencyMeter(Meter):
     @torch.no_grad()
     def update(self, pred, target):
         _check('saliency', pred, target, 1)
-        valid = target != IGNORE_INDEX
+        valid = target != IGNORE
         prob = torch.sigmoid(pred.double())[valid]                             # (N,)
         pos = target[valid] >= 0.5
         thresholds = torch.tensor(SAL_THRESHOLDS, dtype=torch.float64, device=prob.device)
@@ -414,7 +415,7 @@ def delta_m(results, baseline):
 
 
 # The papers' single-task baselines, in the meters' units (mIoU / maxF in %, depth rel_err a ratio,
-# normals mean angle in degrees, edge loss). hrnet18: 000_/001_ Table 1 (CNN); swinv2_s: 001_ Tables 2
+# normals mean angle in degrees, edge loss). hrnet18: EMA-Net / CTAL papers, Table 1 (CNN); swinv2_s: CTAL paper, Tables 2
 # (NYUv2, transformer) and 3 (PASCAL-Context, transformer).
 STL_REFERENCE = {
     ('nyuv2', 'hrnet18'): {'semseg': 49.23, 'depth': 0.1636, 'normals': 23.15},

@@ -434,6 +434,16 @@ def _add_holes(rng, depth, normal, label, is_window):
     return depth, normal, label
 
 
+def _remove_samples(root):
+    """Delete the sample files (<i>.npy) of a synthetic set, nothing else."""
+    for split in ('train', 'val'):
+        for folder in ('image', 'label', 'depth', 'normal'):
+            d = os.path.join(root, split, folder)
+            names = os.listdir(d) if os.path.isdir(d) else []
+            for name in [n for n in names if n.endswith('.npy') and n[:-4].isdigit()]:
+                os.remove(os.path.join(d, name))
+
+
 def make_synthetic(root, n_train, n_val, size=(96, 128), seed=0):
     """Write n_train + n_val rendered rooms to root/{train,val}/{image,label,depth,normal}/{i}.npy
     (the NYUv2 format). Image i of a split depends only on (seed, split, i): the same arguments give
@@ -453,12 +463,7 @@ def make_synthetic(root, n_train, n_val, size=(96, 128), seed=0):
         with open(marker) as f:
             if json.load(f) == {**params, 'complete': True}:
                 return root
-        for split in ('train', 'val'):   # ours, but other arguments or interrupted: drop its files
-            for folder in ('image', 'label', 'depth', 'normal'):
-                d = os.path.join(root, split, folder)
-                for name in (os.listdir(d) if os.path.isdir(d) else []):
-                    if name.endswith('.npy') and name[:-4].isdigit():
-                        os.remove(os.path.join(d, name))
+        _remove_samples(root)            # ours, but other arguments or interrupted
     elif os.path.isdir(root) and os.listdir(root):
         raise ValueError(f"make_synthetic: {root!r} is not empty and holds no synthetic.json; refusing to "
                          f"write into it (it may be a real dataset). Pass an empty or new folder.")

@@ -314,7 +314,9 @@ class Run:
                          'log_bytes': 0}
         self.steps_per_epoch = len(epoch_batches(len(train_set), 0, cfg, rank, world))
         self.timing = {'steps': 0, 'step_s': 0.0, 'evals': 0, 'eval_s': 0.0, 'start': time.time(), 'before': 0.0}
-        self.path = lambda name: os.path.join(cfg['out_dir'], name)
+
+    def path(self, name):
+        return os.path.join(self.cfg['out_dir'], name)
 
     def score(self):
         """The model on the val split: {'val_loss', 'delta_m' (None without a reference), 'metrics'}."""
@@ -498,7 +500,8 @@ def setup(cfg):
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     check_out_dir(cfg)
-    ckpt_path = cfg['init_from'] or os.path.join(cfg['out_dir'], 'ckpt.pt')
+    own = os.path.join(cfg['out_dir'], 'ckpt.pt')     # resume: always the run's own; init_from: only its start
+    ckpt_path = own if cfg['resume'] else cfg['init_from'] or own
     ckpt = None
     if cfg['resume'] or cfg['eval_only'] or cfg['init_from']:
         ckpt = load_checkpoint(ckpt_path, device)

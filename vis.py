@@ -16,7 +16,8 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from metrics import IGNORE_INDEX, TASK_METRIC
+from data import IGNORE
+from metrics import TASK_METRIC
 
 TILE_PX = 128            # height of one panel, pixels (small inputs are upscaled so a person can see them)
 HEADER_PX = 16           # the column titles above the first row
@@ -26,8 +27,8 @@ CLASS_COLOURS = np.concatenate([colormaps['tab20'].colors, colormaps['tab20b'].c
 
 def colour_labels(labels):
     """Class map (H, W) int -> RGB floats (H, W, 3); ignore black."""
-    rgb = CLASS_COLOURS[np.clip(labels, 0, IGNORE_INDEX - 1) % len(CLASS_COLOURS)]
-    rgb[labels == IGNORE_INDEX] = 0
+    rgb = CLASS_COLOURS[np.clip(labels, 0, IGNORE - 1) % len(CLASS_COLOURS)]
+    rgb[labels == IGNORE] = 0
     return rgb
 
 
@@ -54,7 +55,7 @@ def colour_target(task, target):
     if task == 'normals':
         return colour_normals(x)                                         # invalid (zero) vectors: grey
     rgb = colormaps['gray'](x[0].clamp(0, 1).numpy())[..., :3]           # saliency / edge in {0, 1}
-    rgb[(x[0] == IGNORE_INDEX).numpy()] = (0.5, 0, 0)
+    rgb[(x[0] == IGNORE).numpy()] = (0.5, 0, 0)
     return rgb
 
 

@@ -1,6 +1,6 @@
 """metrics.py: losses and meters on 2x3 images checked by hand, against independent numpy code, under
 any batch split and across (simulated and real gloo) ranks; delta_m against every MTL-gain figure of
-the papers' tables (000_ EMA-Net, 001_ CTAL), transcribed below from their per-task numbers."""
+the papers' tables (EMA-Net, and its extended version CTAL), transcribed below from their per-task numbers."""
 import math
 import os
 import socket
@@ -461,68 +461,68 @@ PASCAL = ('semseg', 'human_parts', 'saliency', 'normals', 'edge')   # mIoU, mIoU
 
 # (table, tasks, STL row, {model: "per-task numbers ... printed delta_m"}), numbers as printed
 TABLES = [
-    ('000_ Tab.1 NYUv2', NYU, '49.23 0.1636 23.15', {
+    ('EMA-Net Tab.1 NYUv2', NYU, '49.23 0.1636 23.15', {
         'MTL': '49.25 0.1658 24.16 -1.89', 'PAP-Net': '50.00 0.1615 23.78 +0.04',
         'PAD-Net': '50.23 0.1622 23.63 +0.27', 'EMA-Net(SS)': '51.59 0.1607 22.84 +2.64',
         'MTI-Net': '51.51 0.1538 23.50 +3.04', 'EMA-Net(MS)': '52.70 0.1529 22.99 +4.76'}),
-    ('000_ Tab.1 Cityscapes', CS, '48.89 29.91', {
+    ('EMA-Net Tab.1 Cityscapes', CS, '48.89 29.91', {
         'MTL': '49.78 31.80 -2.25', 'PAP-Net': '50.82 26.97 +6.89', 'PAD-Net': '50.67 27.37 +6.07',
         'EMA-Net(SS)': '51.36 23.84 +12.67', 'MTI-Net': '51.77 29.90 +2.96', 'EMA-Net(MS)': '51.94 22.89 +14.85'}),
-    ('000_ Tab.2 NYUv2', NYU, '49.23 0.1636 23.15', {
+    ('EMA-Net Tab.2 NYUv2', NYU, '49.23 0.1636 23.15', {
         'Base': '50.01 0.1634 23.65 -0.15', '+CTAL': '51.59 0.1607 22.84 +2.64',
         '+CTAL+CSF': '52.70 0.1529 22.99 +4.76'}),
-    ('000_ Tab.2 Cityscapes', CS, '48.89 29.91', {
+    ('EMA-Net Tab.2 Cityscapes', CS, '48.89 29.91', {
         'Base': '50.33 26.92 +6.47', '+CTAL': '51.36 23.84 +12.67', '+CTAL+CSF': '51.94 22.89 +14.85'}),
     # resource tables print only delta_m; the scale-1/4 rows are Tab. 1 models (1/6, 1/8 rows have no
     # per-task numbers anywhere and cannot be checked)
-    ('000_ Tab.3 / 001_ Tab.5 (per-task from Tab.1)', NYU, '49.23 0.1636 23.15', {
+    ('EMA-Net Tab.3 / CTAL Tab.5 (per-task from Tab.1)', NYU, '49.23 0.1636 23.15', {
         'MTL': '49.25 0.1658 24.16 -1.89', 'PAP-Net': '50.00 0.1615 23.78 +0.04',
         'PAD-Net': '50.23 0.1622 23.63 +0.27', 'CTAL-SS 1/4': '51.59 0.1607 22.84 +2.64',
         'MTI-Net': '51.51 0.1538 23.50 +3.04', 'CTAL-MS 1/4': '52.70 0.1529 22.99 +4.76'}),
-    ('001_ Tab.1 NYUv2 (CNN)', NYU, '49.23 0.1636 23.15', {
+    ('CTAL Tab.1 NYUv2 (CNN)', NYU, '49.23 0.1636 23.15', {
         'MTL': '49.25 0.1658 24.16 -1.89', 'PAD-Net': '50.23 0.1622 23.63 +0.27',
         'PAP-Net': '50.00 0.1615 23.78 +0.04', 'CTALSS': '51.59 0.1607 22.84 +2.64',
         'MTI-Net': '51.51 0.1538 23.50 +3.04', 'CTALMS': '52.70 0.1529 22.99 +4.76'}),
-    ('001_ Tab.1 Cityscapes (CNN)', CS, '48.89 29.91', {
+    ('CTAL Tab.1 Cityscapes (CNN)', CS, '48.89 29.91', {
         'MTL': '49.78 31.80 -2.25', 'PAD-Net': '50.67 27.37 +6.07', 'PAP-Net': '50.82 26.97 +6.89',
         'CTALSS': '51.36 23.84 +12.67', 'MTI-Net': '51.77 29.90 +2.96', 'CTALMS': '51.94 22.89 +14.85'}),
-    ('001_ Tab.2 NYUv2 (Transformer)', NYU, '55.78 0.1570 24.59', {
+    ('CTAL Tab.2 NYUv2 (Transformer)', NYU, '55.78 0.1570 24.59', {
         'MTL': '57.07 0.1500 24.76 +2.03', 'PAD-Net': '57.40 0.1469 23.70 +4.32',
         'PAP-Net': '56.80 0.1500 23.73 +3.26', 'CTALSS': '58.06 0.1491 23.27 +4.83'}),
-    ('001_ Tab.4 NYUv2 (CNN)', NYU, '49.23 0.1636 23.15', {
+    ('CTAL Tab.4 NYUv2 (CNN)', NYU, '49.23 0.1636 23.15', {
         'Concat': '50.01 0.1634 23.65 -0.15', 'CTALSS': '51.59 0.1607 22.84 +2.64',
         'CTALMS': '52.70 0.1529 22.99 +4.76'}),
-    ('001_ Tab.4 Cityscapes (CNN)', CS, '48.89 29.91', {
+    ('CTAL Tab.4 Cityscapes (CNN)', CS, '48.89 29.91', {
         'Concat': '50.33 26.92 +6.47', 'CTALSS': '51.36 23.84 +12.67', 'CTALMS': '51.94 22.89 +14.85'}),
-    ('001_ App.D NYUv2 (CNN), additional metrics', NYU, '49.23 0.1636 23.15', {
+    ('CTAL App.D NYUv2 (CNN), additional metrics', NYU, '49.23 0.1636 23.15', {
         'MTL': '49.25 0.1658 24.16 -1.89', 'PAD-Net': '50.23 0.1622 23.63 +0.27',
         'PAP-Net': '50.00 0.1615 23.78 +0.04', 'CTALSS': '51.59 0.1607 22.84 +2.64',
         'MTI-Net': '51.51 0.1538 23.50 +3.04', 'CTALMS': '52.70 0.1529 22.99 +4.76'}),
-    ('001_ Tab.8 blending factor, NYUv2', NYU, '49.23 0.1636 23.15', {
+    ('CTAL Tab.8 blending factor, NYUv2', NYU, '49.23 0.1636 23.15', {
         'SS g=0.025': '50.68 0.1608 22.53 +2.45', 'SS g=0.05': '51.59 0.1607 22.84 +2.64',
         'SS g=0.1': '52.49 0.1631 22.84 +2.76', 'MS g=0.025': '51.71 0.1526 23.01 +4.12',
         'MS g=0.05': '52.70 0.1529 22.99 +4.76', 'MS g=0.1': '53.44 0.1557 23.06 +4.59'}),
-    ('001_ Tab.9 filter size, NYUv2', NYU, '49.23 0.1636 23.15', {
+    ('CTAL Tab.9 filter size, NYUv2', NYU, '49.23 0.1636 23.15', {
         'SS k=3': '51.59 0.1607 22.84 +2.64', 'SS k=5': '52.19 0.1630 22.89 +2.50',
         'SS k=7': '51.58 0.1640 22.79 +2.03', 'MS k=3': '52.70 0.1529 22.99 +4.76',
         'MS k=5': '53.21 0.1547 23.06 +4.64', 'MS k=7': '52.70 0.1557 23.14 +3.97'}),
-    ('001_ Tab.10 NYUv2 with std', NYU, '49.23 0.1636 23.15', {
+    ('CTAL Tab.10 NYUv2 with std', NYU, '49.23 0.1636 23.15', {
         'MTL': '49.25 0.1658 24.16 -1.89', 'PAP-Net': '50.00 0.1615 23.78 +0.04',
         'PAD-Net': '50.23 0.1622 23.63 +0.27', 'CTALSS': '51.59 0.1607 22.84 +2.64',
         'MTI-Net': '51.51 0.1538 23.50 +2.64', 'CTALMS': '52.70 0.1529 22.99 +4.76'}),
-    ('001_ Tab.11 Cityscapes with std', CS, '48.89 29.91', {
+    ('CTAL Tab.11 Cityscapes with std', CS, '48.89 29.91', {
         'MTL': '49.78 31.80 -2.25', 'PAP-Net': '50.82 26.97 +6.89', 'PAD-Net': '50.67 27.37 +6.07',
         'CTALSS': '51.36 23.84 +12.67', 'MTI-Net': '51.77 29.90 +2.96', 'CTALMS': '51.94 22.89 +14.85'}),
-    ('001_ Tab.3 PASCAL-Context (Transformer)', PASCAL, '74.07 64.28 83.95 16.03 0.0241', {
+    ('CTAL Tab.3 PASCAL-Context (Transformer)', PASCAL, '74.07 64.28 83.95 16.03 0.0241', {
         'MTL': '72.99 60.13 82.93 16.76 0.0236 -2.40', 'PAD-Net': '73.27 60.22 83.40 16.44 0.0235 -1.86',
         'PAP-Net': '72.75 60.32 83.22 16.52 0.0235 -1.83', 'CTALSS': '73.98 61.14 83.50 15.96 0.0210 +1.46'}),
 ]
 # Printed figures that the printed per-task numbers cannot give (see the test ids):
 MISPRINTS = {
     # same per-task numbers as in Tab. 1 / 10 itself, where the gain is +3.04 (we get +3.037)
-    ('001_ Tab.10 NYUv2 with std', 'MTI-Net'): 'printed +2.64; Tab.1 prints +3.04 for the same numbers',
+    ('CTAL Tab.10 NYUv2 with std', 'MTI-Net'): 'printed +2.64; Tab.1 prints +3.04 for the same numbers',
     # we get -1.62; with every per-task number moved by half a printed digit the range is [-1.73, -1.52]
-    ('001_ Tab.3 PASCAL-Context (Transformer)', 'PAD-Net'): 'printed -1.86 is outside the rounding range',
+    ('CTAL Tab.3 PASCAL-Context (Transformer)', 'PAD-Net'): 'printed -1.86 is outside the rounding range',
 }
 CASES = [pytest.param(table, tasks, stl, row, id=f'{table} | {model}',
                       marks=[pytest.mark.xfail(strict=True, reason=MISPRINTS[table, model])]
@@ -559,9 +559,9 @@ def test_delta_m_reproduces_paper_table(table, tasks, stl, row):
 
 
 @pytest.mark.parametrize('key, table', [
-    (('nyuv2', 'hrnet18'), '001_ Tab.1 NYUv2 (CNN)'), (('cityscapes', 'hrnet18'), '001_ Tab.1 Cityscapes (CNN)'),
-    (('nyuv2', 'swinv2_s'), '001_ Tab.2 NYUv2 (Transformer)'),
-    (('pascal', 'swinv2_s'), '001_ Tab.3 PASCAL-Context (Transformer)')])
+    (('nyuv2', 'hrnet18'), 'CTAL Tab.1 NYUv2 (CNN)'), (('cityscapes', 'hrnet18'), 'CTAL Tab.1 Cityscapes (CNN)'),
+    (('nyuv2', 'swinv2_s'), 'CTAL Tab.2 NYUv2 (Transformer)'),
+    (('pascal', 'swinv2_s'), 'CTAL Tab.3 PASCAL-Context (Transformer)')])
 def test_stl_reference_is_the_papers_stl_row(key, table):
     _, tasks, stl, _ = next(t for t in TABLES if t[0] == table)
     assert STL_REFERENCE[key] == dict(zip(tasks, map(float, stl.split())))

@@ -260,6 +260,10 @@ def test_init_from_fine_tunes_a_trained_checkpoint(synthetic_root, finished_run,
     assert first(tuned) < 0.8 * first(scratch)
     ckpt = torch.load(tuned / 'ckpt.pt', weights_only=False)
     assert ckpt['optimizer']['state'][0]['step'] == 2           # a fresh optimiser: this run's 2 steps
+    # resuming a fine-tuning run continues from its own ckpt.pt, not from the init_from checkpoint
+    assert train.main(tiny_args(synthetic_root, tuned, '--epochs=2', f'--init_from={out / "ckpt.pt"}',
+                                '--resume=True')) == 0
+    assert [r['epoch'] for r in read_log(tuned) if r['type'] == 'eval'] == [1, 2]
     refused(tiny_args(synthetic_root, tmp_path / 'other', '--model=stl', f'--init_from={out / "ckpt.pt"}'),
             ['does not fit this model', "'model': 'mtl'"], capsys)
 
