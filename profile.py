@@ -169,6 +169,9 @@ def isolated(function, **kwargs):
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], cwd=here,
                           capture_output=True, text=True)
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    if proc.returncode != 0 and last.startswith("ValueError: "):    # the input refused (e.g. by build_model)
+        raise ValueError(last[len("ValueError: "):])
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark subprocess {function}({kwargs}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -129,10 +129,9 @@ def parse_config(argv):
 
 
 def as_pair(key, value):
-    if isinstance(value, str):
-        value = value.lower().replace(',', 'x').strip('()[] ').split('x')
+    words = value.lower().replace(',', 'x').strip('()[] ').split('x') if isinstance(value, str) else value
     try:
-        h, w = (int(v) for v in value)
+        h, w = (int(v) for v in words)
     except (TypeError, ValueError):
         h = w = 0
     if h < 32 or w < 32:

@@ -102,6 +102,7 @@ def test_unknown_model_is_a_clear_error(capsys):
     (["--img-size", "abc"], "size must look like 96x128"),
     (["--dataset", "pascal", "--models", "mtl", "--img-size", "100x100", "--iters", "1"],
      "positive multiples of 32"),
+    (["--models", "mtl", "--img-size", "7x9", "--iters", "1"], "ints >= 32, got (7, 9)"),   # refused in the subprocess
     (["--json", "/nonexistent-folder/x.json"], "cannot write there"),
     (["--scale", "1/2"], "at most at 1/4"),
 ])
