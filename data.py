@@ -56,6 +56,7 @@ NYU13_CLASSES = ('bed', 'books', 'ceiling', 'chair', 'floor', 'furniture', 'obje
                  'sofa', 'table', 'tv', 'wall', 'window')
 CITYSCAPES_LABELS = {'label_19': 19, 'label_7': 7}
 MTAN_SCALES = (1.0, 1.2, 1.5)
+SPLITS = ('train', 'val')
 
 # ---------------------------------------------------------------------------------------------------
 # Where the data comes from, and what the loader expects to find (printed when something is missing)
@@ -103,17 +104,16 @@ def _missing_data_error(dataset, root, what):
         f"The data comes from {SOURCES[dataset]}.")
 
 
-def _check_split(dataset, split):
-    if split not in ('train', 'val'):
+def _check_arguments(dataset, root, split, tasks):
+    """A dataset's constructor arguments; returns the tasks as a tuple."""
+    if split not in SPLITS:
         raise ValueError(f"{dataset}: split must be 'train' or 'val', got {split!r}")
-
-
-def _check_tasks(dataset, tasks):
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     known = DATASETS[dataset]['tasks']
-    unknown = [t for t in tasks if t not in known]
-    if unknown or not tasks:
+    if not tasks or any(t not in known for t in tasks):
         raise ValueError(f"{dataset}: tasks must be a non-empty subset of {tuple(known)}, got {tasks}")
+    if not os.path.isdir(root):
+        raise _missing_data_error(dataset, root, 'the root directory')
     return tasks
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,13 +321,10 @@ class _MTANDataset(Dataset):
     folders = None  # task -> folder name
 
     def __init__(self, root, split, tasks, augment, scale_crop, num_classes):
-        _check_split(self.name, split)
-        self.tasks = _check_tasks(self.name, tasks)
+        self.tasks = _check_arguments(self.name, root, split, tasks)
         self.root, self.split, self.augment, self.scale_crop = root, split, augment, scale_crop
         self.num_classes = num_classes
         self.dir = os.path.join(root, split)
-        if not os.path.isdir(root):
-            raise _missing_data_error(self.name, root, 'the root directory')
         for folder in ['image'] + [self.folders[t] for t in self.tasks]:
             if not os.path.isdir(os.path.join(self.dir, folder)):
                 raise _missing_data_error(self.name, root, f"folder {split}/{folder}/")
@@ -561,12 +558,9 @@ class PASCALContext(Dataset):
 
     def __init__(self, root, split='train', tasks=('semseg', 'human_parts', 'saliency', 'normals', 'edge'),
                  size=DATASETS['pascal']['size'], augment=False):
-        _check_split(self.name, split)
-        self.tasks = _check_tasks(self.name, tasks)
+        self.tasks = _check_arguments(self.name, root, split, tasks)
         self.root, self.split, self.augment = root, split, augment
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        if not os.path.isdir(root):
-            raise _missing_data_error(self.name, root, 'the root directory')
         list_file = os.path.join(root, 'ImageSets', 'Context', f'{split}.txt')
         if not os.path.isfile(list_file):
             raise _missing_data_error(self.name, root, f"the split list ImageSets/Context/{split}.txt")
@@ -715,9 +709,6 @@ def parse_size(text):
         return h, w
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 96x128 (HxW), got {text!r}")
-
-
-SPLITS = ('train', 'val')
 
 
 def check_split(dataset, root, split, augment=False, limit=0):
