@@ -101,14 +101,27 @@ def test_bad_values_before_any_work(argv, words, tmp_path, capsys):
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'data').exists()
 
 
+@pytest.mark.parametrize('argv, words', [
+    (['--model=ctal_ss', '--scale=1/2'], ['scale=0.5', 'must be in (0, 1/4]']),
+    (['--model=ctal_ss', '--gamma=2'], ['gamma must be in [0, 1]']),
+])
+def test_bad_model_arguments_before_any_file_is_written(argv, words, synthetic_root, tmp_path, capsys):
+    """build_model / CTAL check their own arguments; train.py refuses the run before out_dir exists."""
+    refused(tiny_args(synthetic_root, tmp_path / 'out', *argv), words, capsys)
+    assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('kind, words', [
     ('not a checkpoint', ['cannot be loaded into hrnet_w18_small_v2']),
+    ('another architecture', ['matched no parameter of hrnet_w18_small_v2']),
     ('own checkpoint', ['cannot be loaded into hrnet_w18_small_v2', 'goes to init_from']),
 ])
 def test_bad_pretrained_file(kind, words, synthetic_root, finished_run, tmp_path, capsys):
     path = tmp_path / 'weights.pth'
     if kind == 'not a checkpoint':
         path.write_text('these are not weights')
+    elif kind == 'another architecture':
+        torch.save({'encoder.layer1.weight': torch.zeros(8, 3, 3, 3)}, path)
     else:
         path = finished_run[1] / 'ckpt.pt'
     refused(tiny_args(synthetic_root, tmp_path / 'out', f'--pretrained={path}'), words, capsys)
