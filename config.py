@@ -65,6 +65,13 @@ def build_parser(defaults, source, choices, description):
     return parser
 
 
+def unknown_key(key, defaults):
+    """The message for a key that is not a default's name, from a config file or the command line."""
+    near = difflib.get_close_matches(key, defaults, 3)
+    return (f"unknown key {key!r}" + (f" (did you mean {' or '.join(near)}?)" if near else '')
+            + f". Valid keys: {', '.join(defaults)}")
+
+
 def read_config_file(path, defaults):
     """The names a config file assigns."""
     if not os.path.isfile(path):
@@ -82,7 +89,7 @@ def read_config_file(path, defaults):
     namespace = {k: v for k, v in namespace.items() if not k.startswith('_')}
     unknown = [k for k in namespace if k not in defaults]
     if unknown:
-        raise UserError(f"{path}: unknown key {unknown[0]!r}. Valid keys: {', '.join(defaults)}")
+        raise UserError(f"{path}: {unknown_key(unknown[0], defaults)}")
     return namespace
 
 
@@ -108,10 +115,7 @@ def parse_config(argv, defaults, source, choices=None, at_least=None, descriptio
     parser = build_parser(defaults, source, choices, description)
     args, unknown = parser.parse_known_intermixed_args(argv)
     if unknown:
-        key = unknown[0].lstrip('-').split('=')[0]
-        near = difflib.get_close_matches(key, defaults, 3)
-        raise UserError(f"{unknown[0]}: unknown key {key!r}" + (f" (did you mean {' or '.join(near)}?)" if near else '')
-                        + f"; `python {parser.prog} --help` lists every key")
+        raise UserError(f"{unknown[0]}: {unknown_key(unknown[0].lstrip('-').split('=')[0], defaults)}")
     args = vars(args)
     cfg = dict(defaults)
     for path in args.pop('configs'):

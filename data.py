@@ -585,6 +585,13 @@ class PASCALContext(Dataset):
             if 'semseg' in self.tasks:
                 self._semseg_path(id_)
 
+    def _sample_file(self, key, id_):
+        """The file `key` of image `id_` is read from (the first of FILES[key]; semseg: _semseg_path)."""
+        if key == 'semseg':
+            return self._semseg_path(id_)
+        folder, ext = self.FILES[key][0]
+        return self._file(folder, id_ + ext)
+
     def _semseg_path(self, id_):
         for folder in ('VOC12', 'pascal-context'):
             if os.path.isfile(self._file('semseg', folder, id_ + '.png')):
@@ -601,32 +608,28 @@ class PASCALContext(Dataset):
     def _load(self, i):
         """Sample at original size, as numpy arrays (H, W[, C])."""
         id_ = self.ids[i]
-        path = self._file('JPEGImages', id_ + '.jpg')
+        path = self._sample_file('image', id_)
         image = _read_pil(path, 'RGB').astype(np.float32) / 255.0
         shape = image.shape[:2]
         out = {'image': image}
         context = None
         if 'normals' in self.tasks or 'edge' in self.tasks:
-            path = self._file('pascal-context', 'trainval', id_ + '.mat')
+            path = self._sample_file('edge', id_)                    # the LabelMap: edges and normals' mask
             context = _read_mat(path, 'LabelMap')
             self._check_shape(context, shape, path)
         for task in self.tasks:
+            path = self._sample_file(task, id_)
             if task == 'semseg':
-                path = self._semseg_path(id_)
                 x = _as_labels(_read_pil(path), DATASETS['pascal']['tasks']['semseg'], path, (IGNORE,))
             elif task == 'human_parts':
-                path = self._file('human_parts', id_ + '.mat')
                 x = human_parts_target(_read_mat(path, 'anno'), shape, path)
             elif task == 'saliency':
-                path = self._file('sal_distill', id_ + '.png')
                 x = (_read_pil(path, 'L') > 127.5).astype(np.float32)[..., None]  # v / 255 > 0.5
             elif task == 'normals':
-                path = self._file('normals_distill', id_ + '.png')
                 rgb = _read_pil(path, 'RGB').astype(np.float32)
                 x = 2.0 * rgb / 255.0 - 1.0
                 x[~np.isin(context, self.valid_normal_classes)] = 0.0
             else:  # edge
-                path = self._file('pascal-context', 'trainval', id_ + '.mat')
                 x = label_edges(context).astype(np.float32)[..., None]
             self._check_shape(x, shape, path)
             out[task] = x

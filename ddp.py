@@ -9,6 +9,7 @@ and W processes then compute the same step, to float rounding. Ctrl-C / SIGTERM 
 same step (StopFlag), so the checkpoint then written is one state of the whole run.
 """
 import os
+import re
 import signal
 import threading
 import warnings
@@ -21,16 +22,28 @@ import torch.nn as nn
 from config import UserError
 
 
+def check_device_name(name):
+    if not (name in ('auto', 'cpu', 'cuda') or re.fullmatch(r'cuda:\d+', str(name))):
+        raise UserError(f"device={name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def pick_device(name):
+    """'auto' (CUDA if available) | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, or a UserError."""
+    check_device_name(name)
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name != 'cpu' and not torch.cuda.is_available():
+        raise UserError(f"device={name!r}: CUDA is not available here; use --device=cpu")
+    return torch.device(name)
+
+
 def setup_distributed(cfg):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU)."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
-    want = cfg['device'] if cfg['device'] != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device('cpu')
-    if want.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise UserError(f"device={cfg['device']!r}: CUDA is not available here; use --device=cpu")
-        device = torch.device('cuda', local_rank if world > 1 else torch.device(want).index or 0)
+    device = pick_device(cfg['device'])
+    if device.type == 'cuda':                 # under torchrun each process takes its local rank's GPU
+        device = torch.device('cuda', local_rank if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
     if cfg['batch_size'] % world:
         raise UserError(f"batch_size={cfg['batch_size']} (the global batch) must divide among {world} processes")

@@ -9,7 +9,6 @@ viridis depth, normals as RGB, saliency / edge probability in grey).
 """
 import argparse
 import os
-import re
 import sys
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, load_weights
 from config import UserError
+from ddp import pick_device
 from train import build_net
 from vis import save_prediction_grid
 
@@ -36,9 +36,7 @@ def read_image(path):
 @torch.no_grad()
 def predict(checkpoint, paths, out_dir, device='cpu'):
     """Predict every image of `paths` with the checkpoint's model; returns the PNG files written."""
-    if not re.fullmatch(r'cpu|cuda(:\d+)?', device) or (device != 'cpu' and not torch.cuda.is_available()):
-        raise UserError(f"device {device!r}: expected cpu, or cuda / cuda:N where CUDA is available")
-    device = torch.device(device)
+    device = pick_device(device)
     ckpt = load_checkpoint(checkpoint, device)
     cfg, size = ckpt['config'], tuple(ckpt.get('input_size', ()))
     if len(size) != 2:
@@ -65,7 +63,7 @@ def main(argv=None):
     parser.add_argument('checkpoint', help="a train.py checkpoint (out/<run>/best.pt or ckpt.pt)")
     parser.add_argument('images', nargs='+', help='image files (anything PIL reads)')
     parser.add_argument('--out_dir', default='predictions', help='where the PNGs go (default: predictions)')
-    parser.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (default: cpu)')
+    parser.add_argument('--device', default='cpu', help='auto | cpu | cuda | cuda:N (default: cpu)')
     args = parser.parse_args(argv)
     try:
         for path in predict(args.checkpoint, args.images, args.out_dir, args.device):

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 
@@ -43,8 +42,8 @@ from checkpoint import (check_out_dir, check_resume, cut_log, json_safe, load_ch
 from config import UserError, parse_config as read_config
 from ctal import CTAL, FUSIONS, IMPLS
 from data import DATASETS, build_dataset
-from ddp import (Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, convert_sync_batchnorm,
-                 epoch_batches, setup_distributed)
+from ddp import (Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, check_device_name,
+                 convert_sync_batchnorm, epoch_batches, setup_distributed)
 from metrics import NORMALS_LOSSES, TASK_METRIC, build_meters, delta_m, task_loss
 from model import BACKBONES, MODEL_NAMES, build_model
 from synthetic import make_synthetic
@@ -164,9 +163,7 @@ def check_config(cfg):
     if cfg['restart_period'] is not None and (not isinstance(cfg['restart_period'], int)
                                               or cfg['restart_period'] < 1):
         raise UserError(f"restart_period={cfg['restart_period']!r}: expected None or an integer >= 1")
-    dev = cfg['device']
-    if not (dev in ('auto', 'cpu', 'cuda') or re.fullmatch(r'cuda:\d+', dev)):
-        raise UserError(f"device={dev!r}: expected auto, cpu, cuda or cuda:N")
+    check_device_name(cfg['device'])
     for key in ('data_root', 'out_dir', 'pretrained', 'init_from', 'stl_results'):
         if cfg[key] is not None and not isinstance(cfg[key], str):
             raise UserError(f"{key}={cfg[key]!r}: expected a path (string) or None")
@@ -182,6 +179,11 @@ def check_config(cfg):
 
 
 # ------------------------------------------------------------------------------------------ data
+
+def task_channels(cfg):
+    """{task: output channels} of this run's tasks."""
+    return {t: DATASETS[cfg['dataset']]['tasks'][t] for t in cfg['tasks']}
+
 
 def build_datasets(cfg, rank):
     """(train set, val set, input size); the synthetic set is generated first if absent (rank 0)."""
@@ -245,7 +247,7 @@ def evaluate(net, val_set, cfg, device, rank, world):
     """Meters over the whole val split (this rank: every world-th image; sums all-reduced).
     Returns ({task: {metric: value}}, val loss = sum_t w_t L_final_t averaged over images)."""
     net.eval()
-    meters = build_meters({t: DATASETS[cfg['dataset']]['tasks'][t] for t in cfg['tasks']})
+    meters = build_meters(task_channels(cfg))
     indices = list(range(rank, len(val_set), world))
     b = max(1, cfg['batch_size'] // world)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)       # (sum of image losses, images)
@@ -478,7 +480,7 @@ def train(run):
 # ------------------------------------------------------------------------------------------ main
 
 def build_net(cfg, size, device):
-    net = build_model(cfg['model'], {t: DATASETS[cfg['dataset']]['tasks'][t] for t in cfg['tasks']}, size,
+    net = build_model(cfg['model'], task_channels(cfg), size,
                       backbone=cfg['backbone'], scale=cfg['scale'], gamma=cfg['gamma'], ctal_impl=cfg['ctal_impl'],
                       ctal_fusion=cfg['ctal_fusion'], pretrained=cfg['pretrained'], pap_iters=cfg['pap_iters'],
                       pap_affinity=cfg['pap_affinity'], fpm_softmax=cfg['fpm_softmax'],
