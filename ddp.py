@@ -6,7 +6,8 @@ one-process j-th batch; each sample's augmentation is drawn from an RNG seeded b
 alone (SeededAugmentation), whatever worker, rank or resume point loads it; BatchNorm statistics are
 taken over the global batch (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm over gloo on CPU). One process
 and W processes then compute the same step, to float rounding. Ctrl-C / SIGTERM stop every rank after the
-same step (StopFlag), so the checkpoint then written is one state of the whole run.
+same step (StopFlag), so the checkpoint then written is one state of the whole run. `pick_device` turns a
+device name into a torch.device (train.py and predict.py).
 """
 import os
 import re
