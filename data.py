@@ -14,13 +14,8 @@ torch RNG, so `torch.manual_seed` + a seeded DataLoader reproduce every batch) -
 
 All samples of a split have the same (H, W), so the default collate works.
 
-Formats (as the releases distribute them):
-  NYUv2 / Cityscapes: MTAN's preprocessed .npy release, root/{train,val}/{image,label|label_19|label_7,
-      depth,normal}/{i}.npy, labels with -1 = ignore (mapped to 255 here).
-  PASCAL-Context: the PASCAL_MT folder of the ATRC / Multi-Task-Learning-PyTorch releases (jpg, png, mat;
-      scipy.io is imported only when a .mat file is needed).
-  Synthetic: synthetic.py ray-casts random box-furnished rooms and writes them in the NYUv2 format,
-      so the NYUv2 loader reads them (`python synthetic.py OUT_DIR`).
+Formats: NYUv2 and Cityscapes as MTAN's preprocessed .npy release, PASCAL-Context as the PASCAL_MT folder
+of the ATRC / Multi-Task-Learning-PyTorch releases (SOURCES and TREES below say where and what).
 `python data.py check DATASET ROOT` reads a whole split (validating every sample) and prints samples/s.
 """
 import argparse
@@ -92,8 +87,8 @@ TREES = {
   sal_distill/<id>.png                      saliency, > 0.5 -> 1
   normals_distill/<id>.png                  RGB, normal = 2 * v / 255 - 1
   pascal-context/trainval/<id>.mat          459-class context labels (key 'LabelMap')
-  json/nyu_classes.json, json/context_classes.json   (optional: the class lists that decide where
-                                                      the distilled normals are valid)""",
+  json/nyu_classes.json, json/context_classes.json   the class lists that decide where the
+                                                     distilled normals are valid""",
 }
 TREES['synthetic'] = TREES['nyuv2']
 
@@ -196,31 +191,46 @@ def _chw(x):
 # Augmentation (train only). Every function maps a sample dict to a new sample dict.
 
 
+def _maps(sample, fn):
+    """fn(key, map) applied to every map (a tensor of >= 2 dims) of a sample; other entries pass."""
+    return {key: fn(key, v) if torch.is_tensor(v) and v.dim() >= 2 else v for key, v in sample.items()}
+
+
 def hflip(sample):
     """Mirror left-right. Normals live in the camera frame with x along image columns, so the mirror
     image of a surface has its normal's x negated; labels, depth, saliency and edges just move."""
-    out = {}
-    for key, v in sample.items():
-        if torch.is_tensor(v) and v.dim() >= 2:
-            v = v.flip(-1)
-            if key == 'normals':
-                v = v * torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
-        out[key] = v
-    return out
+    mirror = torch.tensor([-1.0, 1.0, 1.0]).view(3, 1, 1)
+    return _maps(sample, lambda key, v: v.flip(-1) * mirror if key == 'normals' else v.flip(-1))
+
+
+def _resized(key, v, size, image_options):
+    x = v.reshape(1, -1, *v.shape[-2:]).float()
+    x = (F.interpolate(x, size, mode='bilinear', **image_options) if key == 'image'
+         else F.interpolate(x, size, mode='nearest'))
+    return x.reshape(*v.shape[:-2], *size).to(v.dtype)
 
 
 def resize_sample(sample, size, **image_options):
     """Every map of a sample resized to size (h, w): the image bilinearly (F.interpolate's image_options),
-    the targets nearest, so a class, a validity mask or a unit normal stays one. Other entries pass."""
-    out = {}
-    for key, v in sample.items():
-        if torch.is_tensor(v) and v.dim() >= 2:
-            x = v.reshape(1, -1, *v.shape[-2:]).float()
-            x = (F.interpolate(x, size, mode='bilinear', **image_options) if key == 'image'
-                 else F.interpolate(x, size, mode='nearest'))
-            v = x.reshape(*v.shape[:-2], *size).to(v.dtype)
-        out[key] = v
-    return out
+    the targets nearest, so a class, a validity mask or a unit normal stays one."""
+    return _maps(sample, lambda key, v: _resized(key, v, size, image_options))
+
+
+def crop_sample(sample, top, left, size):
+    """Every map of a sample cut to the window of `size` (h, w) at (top, left)."""
+    return _maps(sample, lambda key, v: v[..., top:top + size[0], left:left + size[1]])
+
+
+def _placed(v, size, top, left, fill):
+    canvas = torch.full((*v.shape[:-2], *size), fill, dtype=v.dtype)   # (F.pad: ~50x slower on int64 maps)
+    canvas[..., top:top + v.shape[-2], left:left + v.shape[-1]] = v
+    return canvas
+
+
+def pad_sample(sample, size, top=0, left=0):
+    """Every map of a sample placed at (top, left) on a canvas of `size` (h, w) that holds 'no value': 0 for
+    the image and the normals (zero vector = invalid), the ignore value for every other target."""
+    return _maps(sample, lambda key, v: _placed(v, size, top, left, 0 if key in ('image', 'normals') else IGNORE))
 
 
 def scale_crop(sample, scale, top, left):
@@ -234,9 +244,7 @@ def scale_crop(sample, scale, top, left):
     h, w = int(H / scale), int(W / scale)
     if not (0 <= top <= H - h and 0 <= left <= W - w):
         raise ValueError(f"crop window ({top}, {left}, {h}, {w}) is outside the {H}x{W} image")
-    crop = {k: v[..., top:top + h, left:left + w] if torch.is_tensor(v) and v.dim() >= 2 else v
-            for k, v in sample.items()}
-    out = resize_sample(crop, (H, W), align_corners=True)
+    out = resize_sample(crop_sample(sample, top, left, (h, w)), (H, W), align_corners=True)
     if 'depth' in out:
         out['depth'] = out['depth'] / scale
     return out
@@ -286,12 +294,8 @@ def pascal_augment(sample, size):
     nh, nw = int(h * s), int(w * s)
     ph, pw = max(H - nh, 0), max(W - nw, 0)
     top, left = int(torch.randint(max(nh - H, 0) + 1, ())), int(torch.randint(max(nw - W, 0) + 1, ()))
-    out = resize_sample(sample, (nh, nw))
-    for key, v in out.items():
-        if torch.is_tensor(v) and v.dim() >= 2:
-            fill = 0.0 if key in ('image', 'normals') else IGNORE
-            x = F.pad(v.reshape(1, -1, nh, nw).float(), (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=fill)
-            out[key] = x[..., top:top + H, left:left + W].reshape(*v.shape[:-2], H, W).to(v.dtype)
+    out = pad_sample(resize_sample(sample, (nh, nw)), (nh + ph, nw + pw), ph // 2, pw // 2)
+    out = crop_sample(out, top, left, size)
     if float(torch.rand(())) < 0.5:
         out = hflip(out)
     out['image'] = photometric_distortion(out['image'])
@@ -304,9 +308,7 @@ def random_augment(sample, use_scale_crop):
     if use_scale_crop:
         s = MTAN_SCALES[int(torch.randint(len(MTAN_SCALES), ()))]
         H, W = sample['image'].shape[-2:]
-        h, w = int(H / s), int(W / s)
-        top = int(torch.randint(H - h + 1, ()))
-        left = int(torch.randint(W - w + 1, ()))
+        top, left = int(torch.randint(H - int(H / s) + 1, ())), int(torch.randint(W - int(W / s) + 1, ()))
         sample = scale_crop(sample, s, top, left)
     if float(torch.rand(())) < 0.5:
         sample = hflip(sample)
@@ -410,46 +412,11 @@ class Cityscapes(_MTANDataset):
 
 # PASCAL-Part part name -> one of 6 parts (0 = background): head, torso, upper arm, lower arm (+hand),
 # upper leg, lower leg (+foot); left and right merge, so a horizontal flip needs no part swap.
-PASCAL_PARTS = {
-    'head': 1, 'hair': 1, 'lear': 1, 'rear': 1, 'lebrow': 1, 'rebrow': 1, 'leye': 1, 'reye': 1,
-    'mouth': 1, 'nose': 1,
-    'torso': 2, 'neck': 2,
-    'luarm': 3, 'ruarm': 3,
-    'llarm': 4, 'rlarm': 4, 'lhand': 4, 'rhand': 4,
-    'luleg': 5, 'ruleg': 5,
-    'llleg': 6, 'rlleg': 6, 'lfoot': 6, 'rfoot': 6,
-}
+PASCAL_PARTS = {'head': 1, 'hair': 1, 'lear': 1, 'rear': 1, 'lebrow': 1, 'rebrow': 1, 'leye': 1, 'reye': 1,
+                'mouth': 1, 'nose': 1, 'torso': 2, 'neck': 2, 'luarm': 3, 'ruarm': 3,
+                'llarm': 4, 'rlarm': 4, 'lhand': 4, 'rhand': 4, 'luleg': 5, 'ruleg': 5,
+                'llleg': 6, 'rlleg': 6, 'lfoot': 6, 'rfoot': 6}
 PASCAL_PERSON = 15  # 'person' in the 20 VOC object classes of PASCAL-Part's class_ind
-
-# Where the distilled normals count as ground truth. The releases keep a pixel's normal only if its
-# PASCAL-Context (459-class LabelMap) class is also an NYUv2 class name (the normals were distilled
-# from a model trained on NYUv2): the valid set is the name intersection of `nyu_classes.json` and
-# `context_classes.json` (minus 'unknown'). When those two files are found under ROOT/json/ or ROOT/
-# the loader computes the set from them exactly. Otherwise it falls back to this constant, which is
-# a RECONSTRUCTION (LabelMap index: name, indoor/man-made classes that NYUv2's 894 names also hold),
-# not the release's list: it can differ from it in a few classes.
-PASCAL_NORMALS_VALID_CLASSES = {
-    9: 'bag', 10: 'ball', 13: 'barrel', 15: 'basket', 17: 'bathtub', 18: 'bed', 19: 'bedclothes',
-    22: 'bench', 23: 'bicycle', 29: 'blackboard', 30: 'board', 33: 'book', 34: 'bottle', 36: 'bowl',
-    37: 'box', 43: 'bucket', 46: 'cabinet', 50: 'calculator', 51: 'calendar', 55: 'can',
-    56: 'candle', 62: 'case', 66: 'cd', 68: 'ceiling', 69: 'cell phone', 72: 'chair', 78: 'clock',
-    79: 'closet', 80: 'cloth', 85: 'computer', 88: 'container', 96: 'counter', 101: 'crate',
-    104: 'cup', 105: 'curtain', 106: 'cushion', 111: 'dishwasher', 115: 'door', 122: 'drum',
-    141: 'fan', 142: 'faucet', 148: 'fire place', 158: 'floor', 159: 'flower', 165: 'fork',
-    169: 'frame', 170: 'fridge', 181: 'glass', 183: 'globe', 191: 'guitar', 195: 'handle',
-    197: 'hanger', 199: 'hat', 202: 'heater', 206: 'hook', 216: 'jar', 218: 'kettle', 220: 'keyboard',
-    223: 'knife', 225: 'ladder', 228: 'laptop', 232: 'light', 242: 'map', 244: 'mat',
-    246: 'mattress', 251: 'microwave', 252: 'mirror', 260: 'mouse', 265: 'newspaper', 268: 'outlet',
-    269: 'oven', 272: 'pan', 273: 'paper', 281: 'pen', 283: 'pencil', 284: 'person', 285: 'photo',
-    286: 'piano', 287: 'picture', 289: 'pillar', 290: 'pillow', 291: 'pipe', 293: 'plant',
-    295: 'plate', 306: 'poster', 307: 'pot', 308: 'pottedplant', 309: 'printer', 314: 'radiator',
-    323: 'remote control', 330: 'rug', 338: 'scissors', 340: 'screen', 349: 'shelves', 350: 'shoe',
-    355: 'sign', 357: 'sink', 368: 'sofa', 371: 'speaker', 374: 'spoon', 378: 'stair',
-    379: 'stapler', 383: 'stool', 384: 'stove', 396: 'switch', 397: 'table', 403: 'telephone',
-    408: 'toilet', 412: 'towel', 413: 'toy', 418: 'trash bin', 419: 'tray', 427: 'tvmonitor',
-    440: 'wall', 442: 'wardrobe', 454: 'window', 455: 'window blinds',
-}
-
 
 def thin(mask):
     """Thin a boolean mask to 1-pixel-wide, still connected curves: skimage.morphology.thin (Guo & Hall's
@@ -494,6 +461,12 @@ def _read_pil(path, mode=None):
         raise ValueError(f"cannot read image file {path}: {e}") from e
 
 
+def _check_shape(x, shape, path):
+    if x.shape[:2] != tuple(shape):
+        raise ValueError(f"{path}: map is {x.shape[:2]}, but the image is {tuple(shape)}")
+    return x
+
+
 def human_parts_target(anno, shape, path='<anno>'):
     """PASCAL-Part annotation (the 'anno' struct of human_parts/<id>.mat) -> (h, w) int64 part map.
     Background is 0 wherever some person of the image has part masks; an image without one is all
@@ -529,32 +502,31 @@ def human_parts_target(anno, shape, path='<anno>'):
 
 
 def _normals_valid_classes(root):
-    """The release's rule when its class lists are at hand, else the documented fallback constant."""
-    for folder in (os.path.join(root, 'json'), root):
-        nyu, ctx = (os.path.join(folder, f) for f in ('nyu_classes.json', 'context_classes.json'))
-        if os.path.isfile(nyu) and os.path.isfile(ctx):
-            with open(nyu) as f:
-                nyu_names = json.load(f)
-            with open(ctx) as f:
-                context = json.load(f)  # name -> LabelMap index
-            return np.array(sorted(int(context[n]) for n in nyu_names
-                                   if n in context and n != 'unknown'), dtype=np.int64)
-    return np.array(sorted(PASCAL_NORMALS_VALID_CLASSES), dtype=np.int64)
+    """LabelMap classes where the distilled normals count as ground truth: the normals were distilled from
+    a model trained on NYUv2, so the releases keep a pixel's normal only if its PASCAL-Context class name
+    is also an NYUv2 class name (json/nyu_classes.json, minus 'unknown')."""
+    names = [os.path.join(root, 'json', f) for f in ('nyu_classes.json', 'context_classes.json')]
+    if not all(os.path.isfile(f) for f in names):
+        raise _missing_data_error('pascal', root, "json/nyu_classes.json and json/context_classes.json (the "
+                                                  "class lists that decide where the normals are valid)")
+    with open(names[0]) as f, open(names[1]) as g:
+        nyu, context = json.load(f), json.load(g)                    # [name], {name: LabelMap index}
+    return np.array(sorted(int(context[n]) for n in nyu if n in context and n != 'unknown'), dtype=np.int64)
 
 
 class PASCALContext(Dataset):
     """PASCAL-Context multitask (PASCAL_MT). Training samples (augment=True) go through the authors'
     augmentation (`pascal_augment`: scale, pad, crop to `size`, flip, photometric distortion). Otherwise
     images (at most 500 px a side) are padded at the bottom and right to `size` (int or (h, w)); ignore
-    values fill the padding. An image larger than `size` is
-    first resized (longer side fits, aspect kept). To map a prediction back to the original image,
-    crop its top-left round(h*s) x round(w*s), s = min(1, size_h/h, size_w/w), and resize that to
-    (h, w) = sample['meta']['size'] (see `restore_size`)."""
+    values fill the padding. An image larger than `size` is first resized (longer side fits, aspect kept).
+    To map a prediction back to the original image, crop its top-left round(h*s) x round(w*s),
+    s = min(1, size_h/h, size_w/w), and resize that to (h, w) = sample['meta']['size'] (`restore_size`)."""
     name = 'pascal'
-    # the files each entry of a sample is read from, (folder, extension); semseg: see _semseg_path
-    FILES = {'image': [('JPEGImages', '.jpg')], 'semseg': [], 'human_parts': [('human_parts', '.mat')],
-             'saliency': [('sal_distill', '.png')], 'edge': [('pascal-context/trainval', '.mat')],
-             'normals': [('normals_distill', '.png'), ('pascal-context/trainval', '.mat')]}
+    # where each entry of a sample is read from (the first pattern that exists); 'context' is the
+    # 459-class LabelMap: the edges are computed from it and it masks the normals
+    FILES = {'image': ('JPEGImages/{}.jpg',), 'semseg': ('semseg/VOC12/{}.png', 'semseg/pascal-context/{}.png'),
+             'human_parts': ('human_parts/{}.mat',), 'saliency': ('sal_distill/{}.png',),
+             'normals': ('normals_distill/{}.png',), 'context': ('pascal-context/trainval/{}.mat',)}
 
     def __init__(self, root, split='train', tasks=('semseg', 'human_parts', 'saliency', 'normals', 'edge'),
                  size=DATASETS['pascal']['size'], augment=False):
@@ -564,61 +536,40 @@ class PASCALContext(Dataset):
         list_file = os.path.join(root, 'ImageSets', 'Context', f'{split}.txt')
         if not os.path.isfile(list_file):
             raise _missing_data_error(self.name, root, f"the split list ImageSets/Context/{split}.txt")
-        for key in ('image',) + self.tasks:
-            for folder in [f for f, _ in self.FILES[key]] or ['semseg']:
-                if not os.path.isdir(os.path.join(root, folder)):
-                    raise _missing_data_error(self.name, root, f"folder {folder}/ (for {key})")
+        needs = ['image'] + [t for t in self.tasks if t != 'edge']
+        needs += ['context'] if {'normals', 'edge'} & set(self.tasks) else []
+        for key in needs:
+            folders = [os.path.dirname(p) + '/' for p in self.FILES[key]]
+            if not any(os.path.isdir(os.path.join(root, d)) for d in folders):
+                raise _missing_data_error(self.name, root, f"folder {' or '.join(folders)} (for {key})")
         with open(list_file) as f:
             self.ids = [line.strip() for line in f if line.strip()]
         if not self.ids:
             raise ValueError(f"pascal: {list_file} lists no image id")
+        self.files = [{key: self._find(key, id_) for key in needs} for id_ in self.ids]
         self.valid_normal_classes = _normals_valid_classes(root) if 'normals' in self.tasks else None
-        self._check_files()
 
-    def _check_files(self):
-        """Every file the split's samples need exists (their contents are checked when read)."""
-        for id_ in self.ids:
-            for folder, ext in [f for key in ('image',) + self.tasks for f in self.FILES[key]]:
-                if not os.path.isfile(self._file(folder, id_ + ext)):
-                    raise FileNotFoundError(f"missing sample file {self._file(folder, id_ + ext)} (listed in "
-                                            f"ImageSets/Context/{self.split}.txt)")
-            if 'semseg' in self.tasks:
-                self._semseg_path(id_)
-
-    def _sample_file(self, key, id_):
-        """The file `key` of image `id_` is read from (the first of FILES[key]; semseg: _semseg_path)."""
-        if key == 'semseg':
-            return self._semseg_path(id_)
-        folder, ext = self.FILES[key][0]
-        return self._file(folder, id_ + ext)
-
-    def _semseg_path(self, id_):
-        for folder in ('VOC12', 'pascal-context'):
-            if os.path.isfile(self._file('semseg', folder, id_ + '.png')):
-                return self._file('semseg', folder, id_ + '.png')
-        raise FileNotFoundError(f"missing sample file: neither semseg/VOC12/{id_}.png nor "
-                                f"semseg/pascal-context/{id_}.png exists under {self.root}")
+    def _find(self, key, id_):
+        """The file of entry `key` of image `id_` (it must exist; its contents are checked when read)."""
+        paths = [os.path.join(self.root, p.format(id_)) for p in self.FILES[key]]
+        for path in paths:
+            if os.path.isfile(path):
+                return path
+        raise FileNotFoundError(f"missing sample file {' or '.join(paths)} (listed in "
+                                f"ImageSets/Context/{self.split}.txt)")
 
     def __len__(self):
         return len(self.ids)
 
-    def _file(self, *parts):
-        return os.path.join(self.root, *parts)
-
     def _load(self, i):
         """Sample at original size, as numpy arrays (H, W[, C])."""
-        id_ = self.ids[i]
-        path = self._sample_file('image', id_)
-        image = _read_pil(path, 'RGB').astype(np.float32) / 255.0
-        shape = image.shape[:2]
-        out = {'image': image}
-        context = None
-        if 'normals' in self.tasks or 'edge' in self.tasks:
-            path = self._sample_file('edge', id_)                    # the LabelMap: edges and normals' mask
-            context = _read_mat(path, 'LabelMap')
-            self._check_shape(context, shape, path)
+        files = self.files[i]
+        image = _read_pil(files['image'], 'RGB').astype(np.float32) / 255.0
+        out, shape = {'image': image}, image.shape[:2]
+        if 'context' in files:
+            context = _check_shape(_read_mat(files['context'], 'LabelMap'), shape, files['context'])
         for task in self.tasks:
-            path = self._sample_file(task, id_)
+            path = files['context' if task == 'edge' else task]
             if task == 'semseg':
                 x = _as_labels(_read_pil(path), DATASETS['pascal']['tasks']['semseg'], path, (IGNORE,))
             elif task == 'human_parts':
@@ -626,19 +577,12 @@ class PASCALContext(Dataset):
             elif task == 'saliency':
                 x = (_read_pil(path, 'L') > 127.5).astype(np.float32)[..., None]  # v / 255 > 0.5
             elif task == 'normals':
-                rgb = _read_pil(path, 'RGB').astype(np.float32)
-                x = 2.0 * rgb / 255.0 - 1.0
+                x = 2.0 * _read_pil(path, 'RGB').astype(np.float32) / 255.0 - 1.0
                 x[~np.isin(context, self.valid_normal_classes)] = 0.0
             else:  # edge
                 x = label_edges(context).astype(np.float32)[..., None]
-            self._check_shape(x, shape, path)
-            out[task] = x
+            out[task] = _check_shape(x, shape, path)
         return out, shape
-
-    @staticmethod
-    def _check_shape(x, shape, path):
-        if x.shape[:2] != tuple(shape):
-            raise ValueError(f"{path}: map is {x.shape[:2]}, but the image is {tuple(shape)}")
 
     def _to_size(self, sample):
         """Resize (only if larger than self.size) then pad bottom/right to self.size."""
@@ -646,23 +590,14 @@ class PASCALContext(Dataset):
         h, w = sample['image'].shape[-2:]
         s = min(1.0, H / h, W / w)
         if s < 1.0:
-            h, w = round(h * s), round(w * s)
-            sample = resize_sample(sample, (h, w), antialias=True)
-        pad_value = {'image': 0.0, 'normals': 0.0}  # zero normal = invalid; others: ignore
-        for key, v in sample.items():
-            if torch.is_tensor(v):  # (F.pad is ~50x slower than this on int64 maps)
-                out = torch.full((*v.shape[:-2], H, W), pad_value.get(key, IGNORE), dtype=v.dtype)
-                out[..., :h, :w] = v
-                sample[key] = out
-        return sample
+            sample = resize_sample(sample, (round(h * s), round(w * s)), antialias=True)
+        return pad_sample(sample, self.size)
 
     def __getitem__(self, i):
         if not 0 <= i < len(self.ids):
             raise IndexError(f"pascal {self.split}: index {i} out of range 0..{len(self.ids) - 1}")
         arrays, shape = self._load(i)
-        sample = {}
-        for key, x in arrays.items():
-            sample[key] = torch.from_numpy(x) if x.ndim == 2 else _chw(x)
+        sample = {key: torch.from_numpy(x) if x.ndim == 2 else _chw(x) for key, x in arrays.items()}
         sample = pascal_augment(sample, self.size) if self.augment else self._to_size(sample)
         sample['meta'] = {'id': self.ids[i], 'size': tuple(int(v) for v in shape)}
         return sample

@@ -8,30 +8,23 @@ Configuration: the defaults are the plain assignments below; config files (pytho
 names) are executed over them in order, then `--key=value` overrides apply. argparse is generated from the
 defaults: `--help` lists every key with its default and comment, unknown keys are refused.
 
-Data flow of a step: loader (DistributedSampler order; each sample's augmentation seeded by (seed, epoch,
-index)) -> batch dict -> model(images) -> {task: (B, K_t, H, W), 'initial': {task: tensor | list of 4}}
--> loss = sum_t w_t (L_initial_t + L_final_t) (compute_losses) -> per-task losses all-reduced (logging; a
-NaN on any rank stops every rank) -> backward (DDP averages gradients) -> optional clip -> Adam step. The
-LR scheduler steps once per epoch. Every `eval_interval` epochs: metrics over the val split, delta_m
-against the STL reference, the PNG grid, best.pt if delta_m improved; then ckpt.pt (atomically).
-
-Reproducibility: `batch_size` is the global batch; rank r takes every W-th index of the epoch's
-permutation and BatchNorm statistics are synchronised, so 1 and W processes compute the same step (to
-float rounding), and a run resumed from ckpt.pt (written at epoch ends, or mid-epoch on Ctrl-C / SIGTERM)
-repeats the uninterrupted run's losses exactly on CPU; log.jsonl is cut back to the checkpoint.
-
-out_dir: config.json, log.jsonl, results.json, vis_epochNNN.png, curves.png, ckpt.pt, best.pt.
-Beside this loop: config.py (argparse over the defaults), ddp.py (processes, synchronised BatchNorm, stopping
-together), checkpoint.py (the run's files, resume, the delta_m reference), vis.py (the pictures).
+A step: batch (each sample's augmentation seeded by (seed, epoch, index)) -> model(images) -> {task:
+(B, K_t, H, W), 'initial': {task: tensor | list of 4}} -> loss = sum_t w_t (L_initial_t + L_final_t) ->
+per-task losses all-reduced (a NaN on any rank stops every rank) -> backward -> optional clip -> Adam. The LR
+steps per epoch. Every `eval_interval` epochs: val metrics, delta_m against the STL reference, the PNG grid,
+best.pt if delta_m improved; then ckpt.pt (atomically). `batch_size` is global: rank r takes every W-th
+index and BatchNorm statistics are synchronised, so 1 and W processes compute the same step (to rounding);
+a run resumed from ckpt.pt (epoch ends, or mid-epoch on Ctrl-C / SIGTERM) repeats the uninterrupted run
+exactly on CPU. out_dir: config.json, log.jsonl, results.json, vis_epochNNN.png, curves.png, ckpt.pt, best.pt.
+Beside this loop: config.py (argparse over the defaults), ddp.py (processes, synchronised BatchNorm,
+stopping together), checkpoint.py (the run's files, resume, the delta_m reference), vis.py (the pictures).
 """
 import json
 import math
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -47,7 +40,7 @@ from ddp import (Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barr
 from metrics import NORMALS_LOSSES, TASK_METRIC, build_meters, delta_m, task_loss
 from model import BACKBONES, MODEL_NAMES, build_model
 from synthetic import make_synthetic
-from vis import save_curves, save_prediction_grid
+from vis import save_curves, save_val_grid
 
 _names_before_defaults = set(globals())
 # ---------------------------------------------------------------------------------------- defaults
@@ -267,21 +260,6 @@ def evaluate(net, val_set, cfg, device, rank, world):
     return {t: m.compute() for t, m in meters.items()}, float(loss_sum[0] / loss_sum[1].clamp(min=1))
 
 
-@torch.no_grad()
-def save_val_grid(net, val_set, cfg, device, path):
-    n = min(cfg['vis_images'], len(val_set))
-    if n == 0:
-        return
-    samples = [val_set[i] for i in range(n)]
-    images = torch.stack([s['image'] for s in samples])
-    net.eval()
-    with autocast(cfg, device):
-        out = net(images.to(device))
-    net.train()
-    save_prediction_grid(path, images, {t: out[t].float().cpu() for t in cfg['tasks']},
-                         {t: torch.stack([s[t] for s in samples]) for t in cfg['tasks']})
-
-
 def format_delta(dm):
     return 'n/a' if dm is None else f'{dm:+.2f} %'
 
@@ -445,7 +423,8 @@ def evaluate_run(run, epoch):
             save_checkpoint(run.path('best.pt'), {'model': run.net.state_dict(), 'config': run.cfg, 'eval': record,
                                                   'input_size': list(run.val_set.size)})
     if run.master:
-        save_val_grid(run.net, run.val_set, run.cfg, run.device, run.path(f'vis_epoch{epoch:03d}.png'))
+        save_val_grid(run.path(f'vis_epoch{epoch:03d}.png'), run.net, run.val_set, run.cfg['tasks'],
+                      run.cfg['vis_images'], autocast(run.cfg, run.device))
         save_curves(run.path('log.jsonl'), run.cfg['tasks'], run.path('curves.png'))
     run.timing['evals'] += 1
     run.timing['eval_s'] += time.time() - t0
@@ -492,9 +471,7 @@ def setup(cfg):
     """Everything that can fail on the user's input, before any file is written: device, data files,
     model and pretrained weights, the checkpoint to resume / start from / score, the out_dir."""
     rank, world, device = setup_distributed(cfg)
-    torch.manual_seed(cfg['seed'])
-    np.random.seed(cfg['seed'])
-    random.seed(cfg['seed'])
+    torch.manual_seed(cfg['seed'])          # the weights; the data order and augmentation seed themselves
     try:
         train_set, val_set, size = build_datasets(cfg, rank)
         net = build_net(cfg, size, device)
@@ -536,7 +513,8 @@ def score_checkpoint(run, ckpt_path):
     if run.master:
         os.makedirs(run.cfg['out_dir'], exist_ok=True)
         write_json(run.path('eval.json'), result)
-        save_val_grid(run.net, run.val_set, run.cfg, run.device, run.path('vis_eval.png'))
+        save_val_grid(run.path('vis_eval.png'), run.net, run.val_set, run.cfg['tasks'], run.cfg['vis_images'],
+                      autocast(run.cfg, run.device))
     run.say(f"{ckpt_path} on the {run.cfg['dataset']} val split (val loss {result['val_loss']:.4f}):\n"
             f"{format_metrics(result['metrics'], run.reference)}\n  delta_m: {format_delta(result['delta_m'])} "
             f"(reference: {run.reference_source})")

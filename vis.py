@@ -1,7 +1,7 @@
 """Pictures (matplotlib): predictions coloured like their ground truth, and a run's training curves.
 
-train.py writes `vis_epochNNN.png` (validation images: input | per task ground truth, prediction) and
-`curves.png` (training loss per task over steps, each task's main validation metric over epochs);
+train.py writes `vis_epochNNN.png` (save_val_grid: validation images, input | per task ground truth,
+prediction) and `curves.png` (training loss per task over steps, each task's main validation metric over epochs);
 predict.py writes one `input | predictions` row per image of the user's.
 
 Colours: class maps with 40 distinct colours (tab20 + tab20b), ignore (255) black; depth with viridis over
@@ -94,6 +94,22 @@ def save_prediction_grid(path, images, predictions, targets=None):
             ax.imshow(tile, interpolation='nearest', aspect='auto')
             ax.set_axis_off()
     fig.savefig(path, dpi=DPI)
+
+
+@torch.no_grad()
+def save_val_grid(path, net, val_set, tasks, n, autocast):
+    """save_prediction_grid of the first n validation images (none if n = 0), the net in eval mode under
+    the run's `autocast` context."""
+    samples = [val_set[i] for i in range(min(n, len(val_set)))]
+    if not samples:
+        return
+    images = torch.stack([s['image'] for s in samples])
+    net.eval()
+    with autocast:
+        out = net(images.to(next(net.parameters()).device))
+    net.train()
+    save_prediction_grid(path, images, {t: out[t].float().cpu() for t in tasks},
+                         {t: torch.stack([s[t] for s in samples]) for t in tasks})
 
 
 def save_curves(log_path, tasks, path):

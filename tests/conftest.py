@@ -4,6 +4,7 @@ Tests marked `slow` (big inputs, whole models at paper resolution) run only with
 `python -m pytest --runslow`, so the default run stays within CI's time budget on a 2-core CPU.
 `write_pascal_sample` writes one sample in the PASCAL_MT release's on-disk formats (jpg, png, mat).
 """
+import json
 import os
 
 import numpy as np
@@ -38,7 +39,7 @@ def _struct(fields, rows):
 
 def write_pascal_sample(root, id_, size, rng, person=True, split='train', semseg_folder='VOC12'):
     """One sample of the PASCAL_MT layout. LabelMap: left half class 2 ('aeroplane', no valid
-    normals), right half class 440 ('wall', valid). Returns the arrays written."""
+    normals), right half class 440 ('wall', valid), as the json class lists written beside it say. Returns the arrays written."""
     h, w = size
     for d in ('JPEGImages', 'ImageSets/Context', f'semseg/{semseg_folder}', 'human_parts', 'sal_distill',
               'normals_distill', 'pascal-context/trainval'):
@@ -60,6 +61,11 @@ def write_pascal_sample(root, id_, size, rng, person=True, split='train', semseg
     ctx = np.full((h, w), 440, dtype=np.uint16)
     ctx[:, : w // 2] = 2
     scipy.io.savemat(os.path.join(root, 'pascal-context', 'trainval', id_ + '.mat'), {'LabelMap': ctx})
+    os.makedirs(os.path.join(root, 'json'), exist_ok=True)   # the release's class lists: only 'wall' has normals
+    with open(os.path.join(root, 'json', 'nyu_classes.json'), 'w') as f:
+        json.dump(['unknown', 'wall', 'chair'], f)
+    with open(os.path.join(root, 'json', 'context_classes.json'), 'w') as f:
+        json.dump({'aeroplane': 2, 'wall': 440, 'unknown': 431}, f)
 
     parts = np.zeros((h, w), dtype=np.int64)
     objects = [('dog', 12, np.ones((h, w), np.uint8), np.zeros((0, 0)))]

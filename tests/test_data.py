@@ -428,13 +428,16 @@ def test_pascal_augmentation_scales_crops_and_distorts(tmp_path):
 
 def test_pascal_normals_classes_from_release_json(pascal):
     root, written = pascal
-    os.makedirs(os.path.join(root, 'json'))
     with open(os.path.join(root, 'json', 'nyu_classes.json'), 'w') as f:
         json.dump(['aeroplane', 'chair', 'unknown'], f)   # aeroplane valid, wall not
     with open(os.path.join(root, 'json', 'context_classes.json'), 'w') as f:
         json.dump({'aeroplane': 2, 'wall': 440, 'unknown': 431}, f)
     s = data.PASCALContext(root, tasks=('normals',), size=48)[0]
     assert (s['normals'][:, :30, 20:40] == 0).all() and (s['normals'][:, :30, :20] != 0).any()
+    os.remove(os.path.join(root, 'json', 'context_classes.json'))
+    data.PASCALContext(root, tasks=('semseg', 'edge'), size=48)          # only normals need the class lists
+    with pytest.raises(FileNotFoundError, match=r'json/nyu_classes.json and json/context_classes.json'):
+        data.PASCALContext(root, tasks=('normals',), size=48)
 
 
 def test_pascal_errors_name_the_file(pascal):
