@@ -1,5 +1,5 @@
-"""The distillation modules of the baselines EMA-Net/CTAL is compared with: PAD-Net, PAP-Net, the
-Concat ablation, and MTI-Net's multi-scale front end (per-scale heads + feature propagation).
+"""The modules of the baselines EMA-Net/CTAL is compared with: PAD-Net, PAP-Net, the Concat ablation,
+MTI-Net's multi-scale front end (per-scale heads + feature propagation), and TIF's decoder.
 
 model.py composes these; nothing here knows about backbones or final heads. Every distillation module
 maps a dict task -> task features (B, C, h, w) (the initial-prediction features F_t, in the canonical
@@ -11,6 +11,8 @@ task order) to a dict task -> distilled features D_t, which the final heads deco
   MTINetFrontEnd       backbone maps [1/4 .. 1/32] -> per-scale task features and predictions, coarse to
                        fine, with a FeaturePropagation module handing each scale's task features to the
                        next finer one (MTI-Net Sec. 2.3-2.4); reused unchanged by ctal_ms.
+  TIFDecoder           TIF's whole decoder (no distillation: no task reads another): backbone maps
+                       [1/4 .. 1/32] -> per task logits at 1/4 (SAFF, SFD, LTHD; see its section)
 
 Blocks are torchvision's BasicBlock (what the MTI-Net heads, FPM and official code use), not rewrites.
 """
@@ -281,3 +283,168 @@ class MTINetFrontEnd(nn.Module):
             if s > 0:
                 propagated = self.fpm[s](features[s])
         return features, predictions
+
+
+# ----------------------------------------------------------------------------------------------------
+# TIF ("Task-Interaction-Free Multi-Task Learning with Efficient Hierarchical Feature Representation",
+# ACM MM 2024): no cross-task module at all. No code is public and the paper states no widths, kernel
+# sizes, head counts or normalisation placement; every such choice below is a reading, and a named
+# constructor argument of TIFDecoder (the README's Fidelity table lists them).
+
+def conv_bn_relu(cin, cout, kernel):
+    """The paper's FeatureFuse ("convolutional layers followed by batch normalization"): Conv (no bias) + BN,
+    then ReLU (reading: the ReLU is ours)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def feed_forward(width, ratio):
+    """The transformer FFN of Eqs. 10 and 13 (reading: Linear(C, rC) - GELU - Linear(rC, C); r = 2 is
+    calibrated with the width, see model.TIF)."""
+    return nn.Sequential(nn.Linear(width, ratio * width), nn.GELU(), nn.Linear(ratio * width, width))
+
+
+class SAFF(nn.Module):
+    """Scale Attentive Feature Fusion at scale i (TIF Sec. 3.2, Eqs. 2-5), shared by all tasks:
+
+      XL  = BN(Conv1x1(X^i))                                     the target scale, reduced to `width`
+      Y   = BN(Conv1x1(cat_{j != i} P_i(X^j)))                   Scale Alignment (Eq. 2)
+      SFX = SFF(cat(XL, Y)) + XL                                 Eq. 3; SFF: Conv - ReLU - Conv
+      out = Conv1x1(ReLU(DWConv3x3(SFX)))                        Eqs. 4-5: spatial learner, channel mixer
+    Readings: P_i is bilinear upsampling from coarser scales and adaptive average pooling from finer ones;
+    the alignment weights W_i are Conv1x1 + BN like the reduction; SFF's convs are `sff_kernel` x
+    `sff_kernel` on the concatenation; no residual around Eqs. 4-5 (none is written)."""
+
+    def __init__(self, channels, i, width, sff_kernel=3):
+        super().__init__()
+        self.i = i
+        self.reduce = conv1x1_bn(channels[i], width)
+        self.align = conv1x1_bn(sum(channels) - channels[i], width)
+        p = sff_kernel // 2
+        self.sff = nn.Sequential(nn.Conv2d(2 * width, width, sff_kernel, padding=p), nn.ReLU(inplace=True),
+                                 nn.Conv2d(width, width, sff_kernel, padding=p))
+        self.spatial = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.mix = nn.Conv2d(width, width, 1)
+
+    def forward(self, xs):
+        size = xs[self.i].shape[-2:]
+        others = [resize(x, size) if j > self.i else F.adaptive_avg_pool2d(x, size)
+                  for j, x in enumerate(xs) if j != self.i]
+        xl = self.reduce(xs[self.i])                                     # (B, width, h_i, w_i)
+        sfx = self.sff(torch.cat([xl, self.align(torch.cat(others, 1))], 1)) + xl
+        return self.mix(F.relu(self.spatial(sfx)))
+
+
+def tokens(x):
+    """(B, C, h, w) -> (B, h*w, C), row-major positions."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class SFD(nn.Module):
+    """Self-Feature Distillation of one task at one low scale (TIF Sec. 3.3, Eqs. 6-10): self-attention
+    over the task's own features, nothing from another task.
+
+      Z  = LayerNorm(tokens(X))                                 Flat(): "flatten and linear normalization"
+      K  = V = Z W_1 + ... + Z W_N                              Eq. 6 (N = `kv_projections`)
+      A  = (Z W_Q) K^T / sqrt(C)                                 Eq. 8: the affinity logits, (B, L, L)
+      RX = softmax(A) V + tokens(X);  RX = FFN(LayerNorm(RX)) + RX     Eqs. 9-10
+    Returns (RX as (B, C, h, w), A). Readings: one head; the 1/sqrt(C) scale (`scaled`; Eq. 8 has none);
+    pre-LayerNorm before the FFN; Eq. 6 taken literally, N separate projections summed (one Linear
+    computes the same function class; N is the paper's "task number")."""
+
+    def __init__(self, width, kv_projections, ffn_ratio=2, scaled=True):
+        super().__init__()
+        self.norm, self.norm_ffn = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.query = nn.Linear(width, width)
+        self.key_value = nn.ModuleList(nn.Linear(width, width) for _ in range(kv_projections))
+        self.ffn = feed_forward(width, ffn_ratio)
+        self.scale = width ** -0.5 if scaled else 1.0
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        z = self.norm(tokens(x))
+        kv = sum(project(z) for project in self.key_value)               # (B, L, C)
+        logits = self.scale * self.query(z) @ kv.transpose(1, 2)         # (B, L, L)
+        rx = logits.softmax(-1) @ kv + tokens(x)
+        rx = self.ffn(self.norm_ffn(rx)) + rx
+        return rx.transpose(1, 2).reshape(B, C, h, w), logits
+
+
+def parent_index(src, dst):
+    """For every position of a dst (h, w) grid (row-major), the flat index of its nearest-neighbour parent
+    on the src grid: row floor(y * h_src / h_dst), column floor(x * w_src / w_dst)."""
+    rows = torch.arange(dst[0]) * src[0] // dst[0]
+    cols = torch.arange(dst[1]) * src[1] // dst[1]
+    return (rows[:, None] * src[1] + cols[None, :]).flatten()
+
+
+def upsample_affinity(affinity, src, dst):
+    """Eq. 11's "upsampled" affinity: (B, L_src, L_src) on the src grid -> (B, L_dst, L_dst) on the dst
+    grid, entry (p, q) = affinity[parent(p), parent(q)] (reading: nearest on both the query and the key
+    grid; the paper does not define it)."""
+    index = parent_index(src, dst).to(affinity.device)
+    return affinity[:, index][:, :, index]
+
+
+class LTHD(nn.Module):
+    """Low-To-High scale feature Diffusion of one task at one high scale (TIF Sec. 3.4, Eqs. 12-13):
+
+      RX  = softmax(A_bar) (tokens(Pool(X)) W_v)           Eq. 12, on the 1/16 grid (L_2 positions)
+      out = FeatureFuse(cat(up(FFN(RX)), X))               Eq. 13
+    `weights` = softmax(A_bar), A_bar = up(A^3) + A^2 (Eq. 11) is computed once per task by TIFDecoder. No
+    attention is formed at this scale: Pool brings X down to the 1/16 grid. Readings: Pool = adaptive
+    average pooling; FFN without residual or norm (Eq. 13 has none); FeatureFuse = Conv + BN + ReLU over
+    the bilinearly upsampled result concatenated with X."""
+
+    def __init__(self, width, ffn_ratio=2, fuse_kernel=3):
+        super().__init__()
+        self.value = nn.Linear(width, width)
+        self.ffn = feed_forward(width, ffn_ratio)
+        self.fuse = conv_bn_relu(2 * width, width, fuse_kernel)
+
+    def forward(self, x, weights, grid):
+        B, C = x.shape[:2]
+        rx = weights @ self.value(tokens(F.adaptive_avg_pool2d(x, grid)))      # (B, L_2, C)
+        rx = self.ffn(rx).transpose(1, 2).reshape(B, C, *grid)
+        return self.fuse(torch.cat([resize(rx, x.shape[-2:]), x], 1))
+
+
+class TIFDecoder(nn.Module):
+    """TIF after the backbone (TIF Sec. 3, Fig. 2): backbone maps [X^0 .. X^3] at 1/4 .. 1/32 -> logits per
+    task at 1/4. Task-shared: a SAFF per scale. Per task t, with nothing from any other task:
+
+      X_t^i   = ReLU(BN(Conv1x1(SAFF_i)))                      task projection (reading: unstated)
+      RX_t^i, A_t^i = SFD(X_t^i)                                i = 2, 3 (1/16, 1/32)
+      RX_t^s  = LTHD(X_t^s, softmax(up(A_t^3) + A_t^2))         s = 0, 1 (1/4, 1/8)
+      logits  = Conv1x1(FeatureFuse(cat_i up(RX_t^i)))          Eq. 14, at 1/4
+    The largest attention matrix is L_2 x L_2 per task and image (L_2 = positions of the 1/16 grid).
+    kv_projections=None means one per task (Eq. 6's N = the task number)."""
+
+    def __init__(self, tasks, channels, width, sff_kernel=3, fuse_kernel=3, head_kernel=1, ffn_ratio=2,
+                 kv_projections=None, scaled=True):
+        super().__init__()
+        self.tasks = dict(tasks)
+        n = kv_projections or len(self.tasks)
+        self.saff = nn.ModuleList(SAFF(channels, i, width, sff_kernel) for i in range(4))
+        self.project = nn.ModuleDict({t: nn.ModuleList(conv_bn_relu(width, width, 1) for _ in range(4))
+                                      for t in self.tasks})
+        self.sfd = nn.ModuleDict({t: nn.ModuleList(SFD(width, n, ffn_ratio, scaled) for _ in range(2))
+                                  for t in self.tasks})
+        self.lthd = nn.ModuleDict({t: nn.ModuleList(LTHD(width, ffn_ratio, fuse_kernel) for _ in range(2))
+                                   for t in self.tasks})
+        self.head = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(4 * width, width, head_kernel),
+                                                    nn.Conv2d(width, k, 1)) for t, k in self.tasks.items()})
+
+    def forward(self, xs):
+        shared = [saff(xs) for saff in self.saff]                      # 4 x (B, width, h_i, w_i)
+        return {t: self.decode(t, shared) for t in self.tasks}
+
+    def decode(self, t, shared):
+        x = [project(s) for project, s in zip(self.project[t], shared)]
+        rx2, a2 = self.sfd[t][0](x[2])
+        rx3, a3 = self.sfd[t][1](x[3])
+        grid = tuple(x[2].shape[-2:])
+        weights = (upsample_affinity(a3, tuple(x[3].shape[-2:]), grid) + a2).softmax(-1)   # (B, L_2, L_2)
+        rx0, rx1 = (self.lthd[t][s](x[s], weights, grid) for s in (0, 1))
+        size = x[0].shape[-2:]
+        return self.head[t](torch.cat([resize(r, size) for r in (rx0, rx1, rx2, rx3)], 1))

@@ -5,7 +5,7 @@
     out['semseg']                # (B, 13, H, W) final prediction at input resolution
     out['initial']['semseg']     # (B, 13, H, W) initial prediction (deep supervision)
                                  # mtinet / ctal_ms: a list of 4, from scales [1/4, 1/8, 1/16, 1/32]
-                                 # stl / mtl: 'initial' is {}
+                                 # stl / mtl / tif: 'initial' is {}
 
 Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
 
@@ -19,12 +19,15 @@ Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
                  -> per task HRHead over the 4 distilled maps (MTI-Net's feature aggregation)
   ctal_ms  HRNet -> MTINetFrontEnd -> per task Fuse of its 4 feature maps (270 @ 1/4)
                  -> CTALDistillation -> per task final head(128)   (EMA-Net Sec. 3.4, Fig. 3)
+  tif      HRNet -> baselines.TIFDecoder (shared SAFF per scale; per task SFD at 1/16, 1/32 and LTHD at
+                 1/4, 1/8; head over the 4 scales) -> upsample   (TIF paper Sec. 3, no cross-task module)
 
-Transformer path (backbone='swinv2_s'; stl, mtl, padnet, papnet, ctal_ss only: the papers exclude the
-multi-scale models, and Concat was only run on CNNs): torchvision's Swin-V2-S (features, final LayerNorm;
-768 @ 1/32) replaces HRNet + Fuse, the IP heads take 768 channels, CTAL runs at 1/32 and the final heads
-are torchvision DeepLabHead(C, K) (mtl/stl: DeepLabHead(768, K) on the backbone features). DeepLabHead's
-image-pooling branch normalises a 1x1 map, so training on this path needs batches of 2 or more.
+Transformer path (backbone='swinv2_s'; stl, mtl, padnet, papnet, ctal_ss, tif: the CTAL papers exclude
+the multi-scale models, and Concat was only run on CNNs): torchvision's Swin-V2-S (features, final
+LayerNorm; 768 @ 1/32) replaces HRNet + Fuse, the IP heads take 768 channels, CTAL runs at 1/32 and the
+final heads are torchvision DeepLabHead(C, K) (mtl/stl: DeepLabHead(768, K) on the backbone features;
+tif decodes all four stages). DeepLabHead's image-pooling branch normalises a 1x1 map, so training on
+this path needs batches of 2 or more.
 
 Every resize is bilinear with align_corners=False; every output is upsampled to the input size.
 Nothing is downloaded: backbones start from random weights unless `pretrained` names a local file.
@@ -51,13 +54,13 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ConcatDistillation, MTINetFrontEnd, PADDistillation,
-                       PAPPropagation, conv1x1_bn, resize)
+                       PAPPropagation, TIFDecoder, conv1x1_bn, resize)
 from ctal import CTAL
 
-MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms')
+MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif')
 BACKBONES = ('hrnet18', 'swinv2_s')
 # the papers run only these on the transformer backbone (CTAL paper Sec. 3.3, Tabs. 2-3)
-SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss')
+SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif')
 
 HRNET_CHANNELS = (18, 36, 72, 144)      # branch outputs at 1/4, 1/8, 1/16, 1/32
 SWIN_CHANNELS = 768                     # last stage, 1/32
@@ -65,6 +68,7 @@ SWIN_STAGE_CHANNELS = (96, 192, 384, 768)   # stages at 1/4, 1/8, 1/16, 1/32
 HRNET_BN_MOMENTUM = 0.01                # the authors' HRNet BN_MOMENTUM (timm: 0.1)
 FEATURE_CHANNELS = 256                  # F_t: the IP heads' Bottleneck(64 * 4) output
 CTAL_CHANNELS = 128                     # conv_in width of the CTAL wrapper (and PAP-Net's X_t)
+TIF_WIDTH = {'hrnet18': 58, 'swinv2_s': 108}    # TIF's decoder width C_L, calibrated (see class TIF)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,6 +496,33 @@ class CTALMultiScale(MultiTaskModel):
         return out
 
 
+class TIF(MultiTaskModel):
+    """`tif` (TIF paper Sec. 3, Fig. 2): backbone (all four scales) -> baselines.TIFDecoder -> per task logits
+    at 1/4 -> upsample. No task reads another task's features; no deep supervision ('initial' is {}: the
+    paper has none). decoder_options go to TIFDecoder (its readings).
+
+    Calibration (the paper states no width): in its NYUD-v2 setting (40 classes; semseg, depth, normals,
+    edge; 425x560) the decoder width C_L = 58 with FFN ratio 2 (and 3x3 SFF / LTHD fuse convs, a 1x1 head
+    fuse) gives HRNet-18 TIF 5,286,231 parameters and 16.67 G multiply-accumulates per image (paper
+    Tab. 3: 5.27 M, 16.6 G; ATRC's convention, which TIF's table copies, counts MACs as FLOPs). Swin-V2-S
+    has Swin-T's stage widths: C_L = 108 gives the decoder the paper's Swin-T budget (32.91 M - 27.52 M of
+    Swin-T features = 5.39 M; ours 5.32 M), on top of Swin-V2-S's larger backbone."""
+
+    def __init__(self, tasks, img_size, backbone='hrnet18', pretrained=None, width=None, **decoder_options):
+        super().__init__(tasks, img_size)
+        if backbone == 'hrnet18':
+            self.backbone, channels = HRNetBackbone(pretrained), HRNET_CHANNELS
+        else:
+            self.backbone, channels = SwinBackbone(pretrained, all_stages=True), SWIN_STAGE_CHANNELS
+        self.decoder = TIFDecoder(self.tasks, channels, width or TIF_WIDTH[backbone], **decoder_options)
+
+    def forward(self, x):
+        self.check_input(x)
+        out = {t: resize(logits, self.img_size) for t, logits in self.decoder(self.backbone(x)).items()}
+        out['initial'] = {}
+        return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # builder
 
@@ -588,6 +619,8 @@ def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl,
         return SingleTask(tasks, img_size, backbone, pretrained)
     if name == 'mtl':
         return HardSharing(tasks, img_size, backbone, pretrained)
+    if name == 'tif':
+        return TIF(tasks, img_size, backbone, pretrained)
     if name == 'mtinet':
         return MTINet(tasks, img_size, pretrained, fpm_softmax)
     if name == 'ctal_ms':

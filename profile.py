@@ -1,6 +1,6 @@
 """The papers' resource table (params, FLOPs, time, memory) for every model, and the CTAL micro-benchmark.
 
-    python profile.py --scale 1/6 [--dataset nyuv2|cityscapes|pascal] [--models stl mtl ctal_ss ...]
+    python profile.py --scale 1/6 [--dataset nyuv2|cityscapes|pascal|nyud] [--models stl mtl ctal_ss ...]
                       [--batch 8] [--device cpu|cuda] [--ctal-impl auto|dense|linear] [--train] [--json F]
     python profile.py --module ctal --scale 1/4 [--batch 2] [--fit-gb 20]
 
@@ -14,7 +14,8 @@ Model table (default): for each model, built by model.build_model with random we
   peak MB     peak memory above the weights: torch.cuda.max_memory_allocated on GPU; on CPU the peak
               resident set of a fresh subprocess per measurement, so one model cannot hide another's
   --train     adds a forward+backward step's time and peak memory
-with the papers' figures beside ours where the papers give them (their time is on one RTX A5000).
+with the papers' figures beside ours where the papers give them (their time is on one RTX A5000);
+`--dataset nyud` is the ATRC / TIF papers' NYUD-v2 setting (40 classes, edge, 425x560).
 PAP-Net is printed twice: with one propagation iteration (the authors' code default) and with two,
 which is what the papers' 521 G matches.
 
@@ -57,6 +58,13 @@ from data import DATASETS  # noqa: E402
 # make that second import circular.
 
 NYUV2_SIZE = DATASETS["nyuv2"]["size"]
+# Where profile.py measures: the datasets, and the NYUD-v2 setting of the ATRC and TIF papers (their tables
+# are counted there: 40 classes, an edge task, 425x560 input; profile only, no loader reads it).
+SETTINGS = dict(DATASETS, nyud=dict(tasks={"semseg": 40, "depth": 1, "normals": 3, "edge": 1}, size=(425, 560),
+                                    val_images=654, backbone="hrnet18"))
+# The papers' figures in that setting: model -> (Params (M), GFLOPs as printed = multiply-accumulates per
+# image) (TIF Tab. 3).
+PAPER_NYUD = {"tif": (5.27, 16.6)}
 # The papers' resource table, NYUv2 with HRNet-W18 (EMA-Net Tab. 3 = CTAL Tab. 5):
 # (model, scale) -> (params relative to STL, GMAC for a batch of 8, seconds for the val split on one
 # RTX A5000, delta_m). PAP-Net's 521 G matches two propagation iterations (row 'papnet x2').
@@ -190,7 +198,7 @@ def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, dev
     """Params, forward FLOPs per image, and time + peak memory of one batch (eval, or train step)."""
     from model import build_model
     torch.manual_seed(0)
-    info = DATASETS[dataset]
+    info = SETTINGS[dataset]
     model = build_model(name, info["tasks"], tuple(img_size), backbone=info["backbone"],
                         scale=scale, ctal_impl=ctal_impl, pap_iters=pap_iters).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -228,7 +236,7 @@ def default_models(backbone):
 
 def run_model_table(args):
     from model import build_model
-    info = DATASETS[args.dataset]
+    info = SETTINGS[args.dataset]
     img_size = args.img_size or info["size"]
     backbone = info["backbone"]
     val_images = args.val_images or info["val_images"]
@@ -267,7 +275,7 @@ def run_model_table(args):
 
 def paper_figures(row, args, scale_key):
     """The papers' figures for this row, as a short string ('' where they give none)."""
-    info = DATASETS[args.dataset]
+    info = SETTINGS[args.dataset]
     if args.img_size and tuple(args.img_size) != info["size"]:
         return ""
     if info["backbone"] == "hrnet18" and args.dataset == "nyuv2":
@@ -275,6 +283,8 @@ def paper_figures(row, args, scale_key):
             rel, gmac, sec, dm = PAPER_CNN[(row, scale_key)]
             return f"rel {rel:.3f}  {gmac:4d} G  {sec:6.2f} s  dm {dm:+.2f}"
         return "rel 1.000" if row == "stl" else ""
+    if args.dataset == "nyud" and row in PAPER_NYUD:
+        return f"Params {PAPER_NYUD[row][0]:.2f} M  GMAC@8 {8 * PAPER_NYUD[row][1]:.1f}"
     swin = PAPER_SWIN.get(args.dataset, {})
     if row in swin:
         return f"Params {swin[row][0]:.1f} M  FLOPs {swin[row][1]:.1f} G"
@@ -405,7 +415,8 @@ def main(argv=None):
                         help="'model': the resource table of whole models; 'ctal': CTAL alone, dense vs linear")
     parser.add_argument("--scale", type=parse_scale, default=Fraction(1, 4),
                         help="distillation scale: 1/4, 1/6, 1/8, ... (of the input size)")
-    parser.add_argument("--dataset", choices=list(DATASETS), default="nyuv2")
+    parser.add_argument("--dataset", choices=list(SETTINGS), default="nyuv2",
+                        help="a dataset, or nyud: the ATRC / TIF papers' NYUD-v2 setting (see SETTINGS)")
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help=f"models to profile (default: all of the backbone's): {', '.join(MODEL_NAMES)}, "
                              f"and 'papnet x2' (two propagation iterations)")

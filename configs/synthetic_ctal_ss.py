@@ -1,5 +1,5 @@
 # The embedded default: procedurally rendered rooms (synthetic.make_synthetic, generated into data_root if
-# absent), trained from scratch and evaluated on a 2-core CPU in a few minutes. stl / mtl / ctal_ss
+# absent), trained from scratch and evaluated on a 2-core CPU in a few minutes. stl / mtl / ctal_ss / tif
 # share this recipe, so their results compare side by side (delta_m against the STL run's results).
 dataset = 'synthetic'
 data_root = 'data/synthetic'

@@ -114,8 +114,8 @@ def test_every_config_follows_the_recipe():
     their transformer code's per-model loss weights and L1 normals loss (no clipping: no code of theirs reads
     the clip value their configs name)."""
     expected = {f'nyuv2_{m}' for m in train.MODEL_NAMES} | {f'cityscapes_{m}' for m in train.MODEL_NAMES} | \
-        {f'pascal_{m}' for m in ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss')} | \
-        {'synthetic_stl', 'synthetic_mtl', 'synthetic_ctal_ss'}
+        {f'pascal_{m}' for m in ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif')} | \
+        {'synthetic_stl', 'synthetic_mtl', 'synthetic_ctal_ss', 'synthetic_tif'}
     found = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))}
     assert expected <= found
     recipe = {'nyuv2': (1e-4, 1e-4, 200, 0.0, 'hrnet18'), 'cityscapes': (5e-4, 1e-4, 75, 0.0, 'hrnet18'),
@@ -237,10 +237,11 @@ def test_each_model_reduces_the_loss(model, synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('model', ('mtl', 'ctal_ss'))
+@pytest.mark.parametrize('model', ('mtl', 'ctal_ss', 'tif'))
 def test_transformer_backbone_reduces_the_loss(model, synthetic_root, tmp_path):
     """Swin-V2-S (random init) on the same tiny set: CTAL at the 1/32 grid (1 x 2 here)."""
-    losses = overfit_losses(synthetic_root, str(tmp_path / model), model, '--backbone=swinv2_s', '--lr=1e-4')
+    losses = overfit_losses(synthetic_root, str(tmp_path / model), model, '--backbone=swinv2_s', '--lr=5e-4',
+                            steps=12)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
