@@ -159,14 +159,38 @@ def measure(step, device, iters, warmup=1):
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3 / iters, torch.cuda.max_memory_allocated(device) - mem0
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # Linux reports KiB
+    rss0 = reset_peak_rss()
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()
     for _ in range(iters):
         step()
     seconds = (time.perf_counter() - t0) / iters
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    return seconds, peak_rss() - rss0
+
+
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    """The resident set now, with the process's peak reset to it where Linux allows (writing 5 to
+    /proc/self/clear_refs resets VmHWM); otherwise the lifetime peak, which then includes e.g. building
+    the model (Swin's construction peaks above its forward pass, which would then read as 0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_bytes("VmRSS")
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024       # Linux reports KiB
+
+
+def peak_rss():
+    try:
+        return _proc_status_bytes("VmHWM")
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def isolated(function, **kwargs):

@@ -112,3 +112,15 @@ def test_bad_arguments_stop_with_a_message_before_measuring(argv, message, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cpu_peak_memory_is_the_steps_own_after_a_larger_earlier_peak():
+    """A step that touches 100 MB reads as about 100 MB even though 400 MB were resident just before: the
+    peak is reset before the measurement (otherwise a model whose construction peaks higher than its
+    forward, like Swin-V2-S, read as 0 MB)."""
+    code = ("import numpy as np, profile\n"
+            "big = np.ones(50_000_000); del big\n"                        # 400 MB, freed
+            "seconds, peak = profile.measure(lambda: np.ones(12_500_000).sum(), 'cpu', iters=1)\n"
+            "print(peak / 2**20)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert 80 < float(out.stdout.strip().splitlines()[-1]) < 200
