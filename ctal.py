@@ -30,11 +30,12 @@ Z_t[(n, c, d), p] = w_t[p, n, d] f̂_n(p)[c] has the same shape. Then the whole 
 
   K = V U^T   (T*C, T*C*k^2)     then     D = K Z + outer(sum_q V, b)     (T*C, HW)
 
-O(HW T^2 k^2 C^2) time, O(HW T C k^2) memory. At 72 x 96, C = 128, T = 3, k = 3 that is about half
-the FLOPs of the dense form; at 1/6 and 1/8 the dense form needs fewer (`choose_impl` picks per device).
-The backward
-pass recomputes U and Z (cheap reshapes and products) instead of keeping them, so the only
-activations saved are f̂, V and the small K.
+O(HW T^2 k^2 C^2) time. At 72 x 96, C = 128, T = 3, k = 3 that is about half the FLOPs of the dense form;
+at 1/6 and 1/8 the dense form needs fewer (`choose_impl` picks per device). `LinearDiffusion` takes the
+(n, c, d) rows one offset d at a time, K_d = V S_d^T and D = sum_d K_d Z_d, where S_d (the maps shifted by
+d) is a strided view of the zero-padded maps and Z_d has the size of f̂: so no (T*C*k^2, HW) tensor is
+ever written, memory is O(HW T C), and the time is the GEMMs'. Backward recomputes the Z_d; the only
+activations saved are f̂, V and the small K_d.
 
 Both implementations hold the SAME parameters, so a checkpoint trained with one loads into the other.
 """
@@ -48,7 +49,7 @@ FUSIONS = ("shared", "task")
 
 # per FLOP, how much slower the dense form runs than the linear one: PyTorch's CPU backward of a grouped
 # conv with thousands of groups runs far below GEMM speed (measurements in `choose_impl`)
-DENSE_COST_PER_FLOP = {"cpu": 2.0}
+DENSE_COST_PER_FLOP = {"cpu": 2.8}
 
 
 def choose_impl(num_tasks, channels, size, kernel_size=3, fusion="shared", device="cuda"):
@@ -57,23 +58,24 @@ def choose_impl(num_tasks, channels, size, kernel_size=3, fusion="shared", devic
     The one with the lower cost = multiply-adds per image x the device's cost per FLOP. Both share
     normalisation, projections and the blend; they differ in the core:
       dense:  A_t (T C HW^2) + grouped conv (m T k^2 HW^2) + diffusion (T C HW^2)
-      linear: K = V U^T (T^2 k^2 C^2 HW) + K Z (T^2 k^2 C^2 HW)
-    With dense costing r times more per FLOP, linear wins when HW > 2 T k^2 C^2 / (r (2 C + m k^2)).
-    GPUs (r = 1): for T = 3, C = 128, k = 3, shared fusion the break-even is HW ~ 3,338: NYUv2 at 1/4
-    (72 x 96 = 6,912) -> linear, at 1/6 (48 x 64 = 3,072) and 1/8 (36 x 48 = 1,728) -> dense.
-    CPU (r = 2): break-even HW ~ 1,669, so linear from NYUv2 1/8 up, dense on small maps. Measured fwd +
+      linear: K_d = V S_d^T over the zero-padded grid (T^2 k^2 C^2 L, L = (h + 2r)(w + 2r), r = k // 2)
+              + sum_d K_d Z_d (T^2 k^2 C^2 HW)
+    GPUs (dense and linear at the same cost per FLOP): for T = 3, C = 128, k = 3, shared fusion, NYUv2 at
+    1/4 (72 x 96) -> linear, at 1/6 (48 x 64) and 1/8 (36 x 48) -> dense.
+    CPU (dense costs 2.8x more per FLOP): linear from NYUv2 1/8 up, dense on small maps. Measured fwd +
     bwd on a 2-core CPU (C = 128, T = 3, batch 2, fp32; time dense / time linear, FLOP ratio):
-      9x12 0.26 (0.03) · 16x16 0.33 (0.08) · 24x32 0.80 (0.23) · 36x48 1.00 (0.52) · 48x64 2.01 (0.92)
-      · 72x96 4.4 (2.07)
-    i.e. about twice the FLOP ratio once the maps are large enough for the GEMMs to dominate.
-    The backward pass costs about twice the forward for both, so the same rule holds for training
-    (memory always favours linear). The choice depends only on the shapes and the device type, so a
-    run, and its resume, always makes the same one.
+      9x12 0.14 (0.14) · 16x16 0.24 (0.19) · 24x32 0.58 (0.32) · 36x48 1.44 (0.56) · 48x64 2.70 (0.90)
+      · 72x96 5.27 (1.88)
+    i.e. 2.6-3.0x the FLOP ratio once the maps are large enough for the GEMMs to dominate, and the rule
+    picks the faster one at every size measured. The backward pass costs about twice the forward for
+    both, so the same rule holds for training (memory always favours linear). The choice depends only on
+    the shapes and the device type, so a run, and its resume, always makes the same one.
     """
-    T, C, k, hw = num_tasks, channels, kernel_size, size[0] * size[1]
+    T, C, k, (h, w) = num_tasks, channels, kernel_size, size
     m = T if fusion == "task" else 1
+    hw, padded = h * w, (h + k - 1) * (w + k - 1)
     dense = hw * hw * (2 * T * C + m * T * k * k) * DENSE_COST_PER_FLOP.get(device, 1.0)
-    linear = 2 * T * T * k * k * C * C * hw
+    linear = T * T * k * k * C * C * (padded + hw)
     return "linear" if linear < dense else "dense"
 
 
@@ -182,113 +184,154 @@ def dense_diffusion(f_hat, v, weight, bias, size):
     return v @ g.transpose(2, 3)                                      # (B, T, C, HW), m broadcast over T
 
 
-def _shifted_maps(f_hat, size, k):
-    """U: the k*k shifted copies of every normalised map, zero outside. (B, T*C*k*k, HW), rows (n, c, d)."""
-    B, T, C, hw = f_hat.shape
-    return F.unfold(f_hat.reshape(B, T * C, *size), k, padding=k // 2)
+class _Shifts:
+    """The k*k shifted copies f̂(. + d) of one image's maps as strided views, never materialised.
+
+    The maps are zero-padded by r = k // 2 to (h + 2r) x (w + 2r) = L positions and flattened, with
+    `margin` = r (w + 2r) + r more zeros at both ends. On that flat layout a shift by d = (dy, dx) is a fixed
+    offset, so the shifted copy of every padded position is the column range [off_d, off_d + L) of one
+    matrix: a view a GEMM reads in place (unfold would write k*k copies). On the padding ring the view
+    reads the neighbouring row, but every matrix it meets there (V, and dL/dV) is zero on the ring.
+    """
+
+    def __init__(self, size, k):
+        (h, w), self.r = size, k // 2
+        self.padded = (h + 2 * self.r, w + 2 * self.r)
+        self.length = self.padded[0] * self.padded[1]
+        self.margin = self.r * self.padded[1] + self.r
+        self.offsets = [self.margin + dy * self.padded[1] + dx              # d in unfold's (ky, kx) order
+                        for dy in range(-self.r, self.r + 1) for dx in range(-self.r, self.r + 1)]
+
+    def pad(self, x, margin=0):
+        """(N, h, w) -> (N, L + 2 margin): the zero ring, flattened, `margin` zeros at both ends."""
+        return F.pad(F.pad(x, (self.r,) * 4).flatten(1), (margin, margin))
+
+    def shifted(self, ext, d):
+        """(N, L) view of ext = pad(x, self.margin): position q of the padded grid holds x(q + d)."""
+        return ext[:, self.offsets[d]:self.offsets[d] + self.length]
+
+    def crop(self, flat):
+        """(N, L) on the padded grid -> (N, h*w), the map without its ring."""
+        (ph, pw), r = self.padded, self.r
+        return flat.reshape(-1, ph, pw)[:, r:ph - r, r:pw - r].reshape(flat.shape[0], -1)
 
 
-def _weighted_queries(f_hat, weight):
-    """Z_t[(n, c, d), p] = w_t[p, n, d] f̂_n(p)[c]. (B, m, T*C*k*k, HW), rows ordered as in U."""
-    B, T, C, hw = f_hat.shape
-    m, k = weight.shape[0] // hw, weight.shape[-1]
-    w = weight.view(hw, m, T, k * k).permute(1, 2, 3, 0)              # (m, T, k*k, HW)
-    z = f_hat[:, None, :, :, None, :] * w[None, :, :, None, :, :]     # (B, m, T, C, k*k, HW)
-    return z.reshape(B, m, T * C * k * k, hw)
+def _offset_weights(weight, hw, d):
+    """w_t[p, n, d] for one kernel offset d, (m, T, 1, HW), from the grouped conv's weight (HW*m, T, k, k)."""
+    m, T = weight.shape[0] // hw, weight.shape[1]
+    return weight.flatten(2)[:, :, d].reshape(hw, m, T).permute(1, 2, 0)[:, :, None]
+
+
+def _add_product(out, a, b):
+    """out += a @ b. Low-precision operands (autocast) multiply in their dtype and add into out's float32,
+    so the k*k partial products are rounded once, as one big GEMM's would be."""
+    if a.dtype != out.dtype:
+        out.add_(a @ b)
+    elif out.dim() == 2:
+        out.addmm_(a, b)
+    else:
+        out.baddbmm_(a, b)
+
+
+def _compute_dtypes(autocast, dtype):
+    """(dtype of the GEMMs, dtype of the sums): the autocast dtype if autocast is on, and float32 sums."""
+    _, enabled, low = autocast
+    gemm = low if enabled else dtype
+    return gemm, torch.promote_types(gemm, torch.float32)
 
 
 class LinearDiffusion(torch.autograd.Function):
-    """D of `dense_diffusion`, computed as K = V U^T, D = K Z + outer(sum_q V, b), in O(HW) memory.
+    """D of `dense_diffusion` in O(HW) memory: per kernel offset d (S_d = the maps shifted by d, Z_d the
+    weighted queries Z_d[(n, c), p] = w_t[p, n, d] f̂_n(p)[c]),
 
-    Forward saves f̂, V, K (T*C x T*C*k^2 per image, tiny) and the parameters; backward recomputes U
-    and Z. Images are processed one at a time: each GEMM is already large (K = T*C*k^2 = 3,456 deep at
-    C = 128, T = 3), and the (T*C*k^2, HW) temporaries then cost the memory of one image, whatever the
-    batch. Autocast: the GEMMs run in the ambient autocast dtype; backward re-enters the same state
-    (what torch.amp.custom_bwd does, but for whichever device the inputs live on).
+        K_d = V S_d^T   (T*C x T*C),     D = sum_d K_d Z_d + outer(sum_q V, b)
+
+    which is K = V U^T, D = K Z of the module docstring with the (n, c, d) rows taken d by d: no
+    (T*C*k^2, HW) tensor is ever formed, S_d is a view (`_Shifts`) and Z_d has the size of f̂. Forward
+    saves f̂, V, the K_d (tiny) and the parameters. Images are processed one at a time (each GEMM is
+    already T*C x T*C x HW). Under autocast the GEMMs run in the autocast dtype and their sums in float32;
+    backward re-enters the same state, on whichever device the inputs live (what torch.amp.custom_bwd
+    does for one device type).
     """
 
     @staticmethod
     def forward(ctx, f_hat, v, weight, bias, size):
-        hw = f_hat.shape[-1]
-        b = bias.view(hw, -1).t()[:, None]                            # (m, 1, HW): b_t[p]
-        kmats, outs = [], []
-        for f_i, v_i in zip(f_hat.split(1), v.split(1)):               # one image: (1, T, C, HW)
-            kmat, d = _linear_forward(f_i, v_i, weight, size)
-            kmats.append(kmat)
-            outs.append(d)
-        d = torch.cat(outs) + v.sum(3, keepdim=True) * b              # + b_t[p] sum_q V_t[:, q]
-        dev = f_hat.device.type
+        hw, dev = f_hat.shape[-1], f_hat.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        gemm, acc = _compute_dtypes(ctx.autocast, f_hat.dtype)
+        b = bias.view(hw, -1).t()[:, None]                            # (m, 1, HW): b_t[p]
+        with torch.autocast(dev, enabled=False):
+            kmats, outs = [], []
+            for f_i, v_i in zip(f_hat.to(gemm), v.to(gemm)):          # one image: (T, C, HW)
+                kmat, d = _linear_forward(f_i, v_i, weight.to(gemm), size, acc)
+                kmats.append(kmat)
+                outs.append(d)
+            d = torch.stack(outs) + v.sum(3, keepdim=True) * b        # + b_t[p] sum_q V_t[:, q]
         ctx.size = size
-        ctx.save_for_backward(f_hat, v, weight, bias, torch.cat(kmats))
+        ctx.save_for_backward(f_hat, v, weight, bias, torch.stack(kmats))
         return d                                                      # (B, T, C, HW)
 
     @staticmethod
     def backward(ctx, grad_d):
-        f_hat, v, weight, bias, kmat = ctx.saved_tensors
-        dev, enabled, dtype = ctx.autocast
+        f_hat, v, weight, bias, kmats = ctx.saved_tensors
+        gemm, acc = _compute_dtypes(ctx.autocast, f_hat.dtype)
         hw = f_hat.shape[-1]
         grad_d = grad_d.reshape(v.shape)
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            grad_f, grad_v, grad_w = [], [], 0
-            for i in range(f_hat.shape[0]):
-                gf, gv, gw = _linear_backward(grad_d[i:i + 1], f_hat[i:i + 1], v[i:i + 1], weight,
-                                              kmat[i:i + 1], ctx.size)
-                grad_f.append(gf)
-                grad_v.append(gv)
-                grad_w = grad_w + gw
+        with torch.autocast(ctx.autocast[0], enabled=False):
+            grads = [_linear_backward(g.to(gemm), f.to(gemm), vi.to(gemm), weight.to(gemm), kmat, ctx.size, acc)
+                     for g, f, vi, kmat in zip(grad_d, f_hat, v, kmats)]
+            grad_f = torch.stack([g[0] for g in grads])
+            grad_w = sum(g[2] for g in grads)
             # the bias term b_t[p] * sum_q V_t[:, q]
             b = bias.view(hw, -1).t()[:, None]                        # (m, 1, HW)
-            grad_v = torch.cat(grad_v) + (grad_d * b).sum(3, keepdim=True)
-            grad_b = torch.einsum("btcp,btc->tp", grad_d, v.sum(3))  # (T, HW)
+            grad_v = torch.stack([g[1] for g in grads]) + (grad_d * b).sum(3, keepdim=True)
+            grad_b = torch.einsum("btcp,btc->tp", grad_d.to(acc), v.sum(3).to(acc))   # (T, HW)
             grad_b = grad_b if b.shape[0] > 1 else grad_b.sum(0, keepdim=True)   # (m, HW)
-        grads = (torch.cat(grad_f), grad_v, grad_w, grad_b.t().reshape(bias.shape))
+        grads = (grad_f, grad_v, grad_w, grad_b.t().reshape(bias.shape))
         return tuple(g.to(x.dtype) for g, x in zip(grads, (f_hat, v, weight, bias))) + (None,)
 
 
-def _linear_forward(f_hat, v, weight, size):
-    """K = V U^T and D = K Z (without the bias term) for one image. f_hat, v: (1, T, C, HW)."""
-    _, T, C, hw = f_hat.shape
-    u = _shifted_maps(f_hat, size, weight.shape[-1])                  # (1, TCkk, HW)
-    kmat = v.reshape(1, T * C, hw) @ u.transpose(1, 2)                # (1, TC, TCkk): K_{t,n,d}
-    del u
-    z = _weighted_queries(f_hat, weight)                              # (1, m, TCkk, HW)
-    if z.shape[1] == 1:                                               # shared G: one GEMM for all tasks
-        d = (kmat @ z[:, 0]).view(1, T, C, hw)
-    else:                                                             # D_t = K_t Z_t
-        d = kmat.view(1, T, C, -1) @ z                                # (1, T, C, HW)
-    return kmat, d
-
-
-def _linear_backward(grad_d, f_hat, v, weight, kmat, size):
-    """Gradients of D = K Z, K = V U^T for one image w.r.t. f̂, V and the fusion weight.
-
-    Temporaries of size (T*C*k^2, HW) are recomputed or formed one at a time and dropped at once.
-    """
-    _, T, C, hw = f_hat.shape
-    k = weight.shape[-1]
+def _linear_forward(f_hat, v, weight, size, acc):
+    """The K_d = V S_d^T (k*k, T*C, T*C) and D = sum_d K_d Z_d (T, C, HW) of one image (no bias term).
+    f_hat, v: (T, C, HW); `acc` the dtype D is summed in."""
+    T, C, hw = f_hat.shape
     m = weight.shape[0] // hw
-    z = _weighted_queries(f_hat, weight)                              # (1, m, TCkk, HW), recomputed
-    if m == 1:
-        grad_k = grad_d.reshape(1, T * C, hw) @ z[:, 0].transpose(1, 2)           # (1, TC, TCkk)
-    else:
-        grad_k = (grad_d @ z.transpose(2, 3)).reshape(1, T * C, -1)               # (1, TC, TCkk)
-    del z
-    u = _shifted_maps(f_hat, size, k)                                 # (1, TCkk, HW), recomputed
-    grad_v = (grad_k @ u).view(1, T, C, hw)                           # through K = V U^T
-    del u
-    grad_u = grad_k.transpose(1, 2) @ v.reshape(1, T * C, hw)         # (1, TCkk, HW)
-    grad_f = F.fold(grad_u, size, k, padding=k // 2).view(1, T, C, hw)   # fold is unfold's adjoint
-    del grad_u
-    if m == 1:                                                        # through D = K Z
-        grad_z = (kmat.transpose(1, 2) @ grad_d.reshape(1, T * C, hw))[:, None]  # (1, 1, TCkk, HW)
-    else:
-        grad_z = kmat.view(1, T, C, -1).transpose(2, 3) @ grad_d                  # (1, T, TCkk, HW)
-    grad_z = grad_z.view(1, m, T, C, k * k, hw)
-    w = weight.view(hw, m, T, k * k).permute(1, 2, 3, 0)              # (m, T, kk, HW)
-    grad_f = grad_f + torch.einsum("bmncdp,mndp->bncp", grad_z, w)    # through Z = w * f̂
-    grad_w = torch.einsum("bmncdp,bncp->mndp", grad_z, f_hat)         # (m, T, kk, HW)
-    return grad_f, grad_v, grad_w.permute(3, 0, 1, 2).reshape(weight.shape)
+    shifts = _Shifts(size, weight.shape[-1])
+    f_ext = shifts.pad(f_hat.reshape(T * C, *size), shifts.margin)     # (TC, L + 2 margin)
+    v_pad = shifts.pad(v.reshape(T * C, *size))                        # (TC, L), zero on the ring
+    kmats = torch.stack([v_pad @ shifts.shifted(f_ext, d).t() for d in range(len(shifts.offsets))])
+    d_out = f_hat.new_zeros(m, T * C // m, hw, dtype=acc)             # D_t = sum_d K_d,t Z_d,t (m = T) or D
+    for d, kmat in enumerate(kmats):
+        z = (f_hat * _offset_weights(weight, hw, d)).reshape(m, T * C, hw)        # Z_d: (m, TC, HW)
+        _add_product(d_out, kmat.view(m, -1, T * C), z)
+    return kmats, d_out.view(T, C, hw)
+
+
+def _linear_backward(grad_d, f_hat, v, weight, kmats, size, acc):
+    """Gradients of one image's D = sum_d K_d Z_d, K_d = V S_d^T w.r.t. f̂, V and the fusion weight;
+    grad_d, f_hat, v: (T, C, HW). Every temporary has the size of f̂ (Z_d, dL/dZ_d) or of K_d."""
+    T, C, hw = f_hat.shape
+    m, k = weight.shape[0] // hw, weight.shape[-1]
+    shifts = _Shifts(size, k)
+    f_ext = shifts.pad(f_hat.reshape(T * C, *size), shifts.margin)
+    v_pad = shifts.pad(v.reshape(T * C, *size))
+    grad_f_ext = torch.zeros_like(f_ext, dtype=acc)                   # dL/d(padded f̂), all offsets
+    grad_v_pad = torch.zeros_like(v_pad, dtype=acc)
+    grad_f = torch.zeros_like(f_hat, dtype=acc)                       # through Z
+    grad_w = f_hat.new_empty(k * k, m, T, hw, dtype=acc)
+    g = grad_d.reshape(m, -1, hw)                                     # (m, TC/m, HW)
+    for d, kmat in enumerate(kmats):
+        w_d = _offset_weights(weight, hw, d)                          # (m, T, 1, HW)
+        z = (f_hat * w_d).reshape(m, T * C, hw)                       # Z_d, recomputed
+        grad_k = (g @ z.transpose(1, 2)).reshape(T * C, T * C)        # dL/dK_d
+        grad_z = (kmat.view(m, -1, T * C).transpose(1, 2) @ g).view(m, T, C, hw)     # dL/dZ_d
+        grad_f += (grad_z * w_d).sum(0)                               # through Z_d = w_d f̂
+        grad_w[d] = (grad_z * f_hat).sum(2)                           # (m, T, HW)
+        _add_product(grad_v_pad, grad_k, shifts.shifted(f_ext, d))    # through K_d = V S_d^T
+        _add_product(shifts.shifted(grad_f_ext, d), grad_k.t(), v_pad)
+    grad_f += shifts.crop(grad_f_ext[:, shifts.margin:shifts.margin + shifts.length]).view(T, C, hw)
+    grad_v = shifts.crop(grad_v_pad).view(T, C, hw)
+    return grad_f, grad_v, grad_w.permute(3, 1, 2, 0).reshape(weight.shape)
 
 
 def fusion_parameter_counts(num_tasks, size, kernel_size=3, fusion="shared"):

@@ -42,6 +42,7 @@ run, runctx, Profile, _Utils = _reexport_stdlib_profile()
 
 import argparse  # noqa: E402  (after the re-export, so cProfile works even mid-import)
 import json  # noqa: E402
+import math  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -137,10 +138,18 @@ def _grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, 
 
 
 def flop_counter():
-    """FlopCounterMode with the grouped-conv backward formula fixed (see above)."""
+    """FlopCounterMode with the grouped-conv backward formula fixed (see above), and the in-place GEMMs
+    (addmm_, baddbmm_: linear CTAL sums its per-offset products with them) counted like their out-of-place
+    forms, which are the only ones FlopCounterMode knows."""
     from torch.utils.flop_counter import FlopCounterMode
-    return FlopCounterMode(display=False,
-                           custom_mapping={torch.ops.aten.convolution_backward: _grouped_conv_backward_flop})
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten.convolution_backward: _grouped_conv_backward_flop,
+        torch.ops.aten.addmm_: _inplace_gemm_flop, torch.ops.aten.baddbmm_: _inplace_gemm_flop})
+
+
+def _inplace_gemm_flop(self_shape, a_shape, b_shape, *args, **kwargs):
+    """out += a @ b with a (..., m, k), b (..., k, n): 2 m k n per matrix of the batch."""
+    return 2 * math.prod(a_shape) * b_shape[-1]
 
 
 def measure(step, device, iters, warmup=1):

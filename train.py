@@ -93,6 +93,7 @@ seed = 0                      # seeds the weights, the epoch order and the augme
 device = 'auto'               # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
 num_workers = 0               # DataLoader worker processes
 bf16 = False                  # bf16 autocast (CUDA only)
+compile = False               # torch.compile the training model (the first steps pay the compile time)
 sync_bn = True                # DDP: BatchNorm statistics over the global batch, as one process would
 # ---------------------------------------------------------------------------------- end of defaults
 DEFAULTS = {k: v for k, v in globals().items() if k not in _names_before_defaults | {'_names_before_defaults'}}
@@ -106,7 +107,7 @@ AT_LEAST = {'epochs': 1, 'batch_size': 1, 'eval_interval': 1, 'log_interval': 1,
             'num_workers': 0, 'seed': 0, 'synthetic_seed': 0}
 # what a resumed run may change; any other difference from the checkpoint's config is refused
 RESUMABLE_CHANGES = ('data_root', 'out_dir', 'resume', 'eval_only', 'epochs', 'eval_interval', 'log_interval',
-                     'vis_images', 'stl_results', 'device', 'num_workers', 'bf16', 'ctal_impl')
+                     'vis_images', 'stl_results', 'device', 'num_workers', 'bf16', 'ctal_impl', 'compile')
 
 
 class NonFiniteLoss(UserError):
@@ -286,6 +287,8 @@ class Run:
             net = convert_sync_batchnorm(net, device).to(device) if cfg['sync_bn'] else net
             self.net, self.model = net, nn.parallel.DistributedDataParallel(
                 net, device_ids=[device.index] if device.type == 'cuda' else None)
+        if cfg['compile']:                  # training steps only; evaluation runs the eager net (same weights)
+            self.model = torch.compile(self.model)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.reference, self.reference_source = load_reference(cfg)

@@ -178,12 +178,13 @@ def test_auto_picks_the_cheaper_implementation_per_device():
     assert choose_impl(3, 128, (72, 96), device="cuda") == "linear"
     assert choose_impl(3, 128, (48, 64), device="cuda") == "dense"
     assert choose_impl(3, 128, (36, 48), device="cuda") == "dense"
-    # the break-even written out: HW > 2 T k^2 C^2 / (2 C + m k^2) = 884736 / 265 = 3338.6
-    assert choose_impl(3, 128, (1, 3338), device="cuda") == "dense"
-    assert choose_impl(3, 128, (1, 3339), device="cuda") == "linear"
-    # CPU: dense costs twice as much per FLOP, so the break-even halves to 1669.3 (measured in the docstring)
-    assert choose_impl(3, 128, (1, 1669), device="cpu") == "dense"
-    assert choose_impl(3, 128, (1, 1670), device="cpu") == "linear"
+    # the break-even written out for a 1 x n map (padded grid 3 x (n + 2)): dense n^2 (2 T C + T k^2) = 795 n^2
+    # against linear T^2 k^2 C^2 (3 (n + 2) + n) = 1,327,104 (4 n + 6): equal at n = 6678.75
+    assert choose_impl(3, 128, (1, 6678), device="cuda") == "dense"
+    assert choose_impl(3, 128, (1, 6679), device="cuda") == "linear"
+    # CPU: dense costs 2.8x as much per FLOP (measured in the docstring): 2226 n^2 = ..., n = 2386.23
+    assert choose_impl(3, 128, (1, 2386), device="cpu") == "dense"
+    assert choose_impl(3, 128, (1, 2387), device="cpu") == "linear"
     assert [choose_impl(3, 128, s, device="cpu") for s in [(9, 12), (24, 32), (36, 48), (48, 64), (72, 96)]] == \
         ["dense", "dense", "linear", "linear", "linear"]
     auto = CTAL(3, 128, (36, 48))
@@ -195,7 +196,8 @@ def test_auto_picks_the_cheaper_implementation_per_device():
 
 def test_auto_runs_the_linear_form_on_cpu_where_it_is_faster(monkeypatch):
     torch.manual_seed(0)
-    auto = CTAL(2, 4, (4, 5)).double()                 # break-even: GPU HW > 576/17 = 33.9, CPU HW > 16.9
+    # dense 20^2 (2 T C + T k^2) = 13,600 (x 2.8 on CPU: 38,080) against linear T^2 k^2 C^2 (6 x 7 + 20) = 35,712
+    auto = CTAL(2, 4, (4, 5)).double()
     assert choose_impl(2, 4, (4, 5), device="cuda") == "dense"
     assert choose_impl(2, 4, (4, 5), device="cpu") == "linear"
     feats = [torch.randn(1, 4, 4, 5, dtype=torch.float64) for _ in range(2)]
