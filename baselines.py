@@ -1,5 +1,6 @@
 """The modules of the baselines EMA-Net/CTAL is compared with: PAD-Net, PAP-Net, the Concat ablation,
-MTI-Net's multi-scale front end (per-scale heads + feature propagation), and TIF's decoder.
+MTI-Net's multi-scale front end (per-scale heads + feature propagation), ATRC's context pooling, and TIF's
+decoder.
 
 model.py composes these; nothing here knows about backbones or final heads. Every distillation module
 maps a dict task -> task features (B, C, h, w) (the initial-prediction features F_t, in the canonical
@@ -11,6 +12,8 @@ task order) to a dict task -> distilled features D_t, which the final heads deco
   MTINetFrontEnd       backbone maps [1/4 .. 1/32] -> per-scale task features and predictions, coarse to
                        fine, with a FeaturePropagation module handing each scale's task features to the
                        next finer one (MTI-Net Sec. 2.3-2.4); reused unchanged by ctal_ms.
+  ATRCDistillation     D_t = BottleneckConv(cat(F_t, Proj(cat_s CP_ts(F_t, F_s))))  (ATRC Fig. 2), CP_ts one of
+                       global / local / T-label / S-label context, or none, as the genotype says
   TIFDecoder           TIF's whole decoder (no distillation: no task reads another): backbone maps
                        [1/4 .. 1/32] -> per task logits at 1/4 (SAFF, SFD, LTHD; see its section)
 
@@ -448,3 +451,142 @@ class TIFDecoder(nn.Module):
         rx0, rx1 = (self.lthd[t][s](x[s], weights, grid) for s in (0, 1))
         size = x[0].shape[-2:]
         return self.head[t](torch.cat([resize(r, size) for r in (rx0, rx1, rx2, rx3)], 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ATRC ("Exploring Relational Context for Multi-Task Dense Prediction", Bruggemann et al., ICCV 2021,
+# code github.com/brdav/atrc): one context-pooling (CP) block per (target, source) pair of tasks
+
+ATRC_CONTEXTS = ('none', 'global', 'local', 'tlabel', 'slabel')    # the ids 0..4 of the authors' genotypes
+LOCAL_WINDOW = 9
+
+
+def atrc_genotype(genotype, tasks):
+    """{target: {source: context}} for every pair of `tasks`; context a name of ATRC_CONTEXTS or its id
+    (the authors' genotype files hold ids, rows = target). 'slabel' on the diagonal is 'tlabel' (the
+    same regions), so the search never offers it there; a given one is kept."""
+    names = list(tasks)
+    if not isinstance(genotype, dict) or set(genotype) != set(names) or any(
+            not isinstance(row, dict) or set(row) != set(names) for row in genotype.values()):
+        raise ValueError(f"ATRC genotype: expected {{target: {{source: context}}}} over the tasks {names} (every "
+                         f"pair once), got {genotype!r}")
+    out = {}
+    for t in names:
+        out[t] = {}
+        for s in names:
+            c = genotype[t][s]
+            c = ATRC_CONTEXTS[c] if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 5 else c
+            if c not in ATRC_CONTEXTS:
+                raise ValueError(f"ATRC genotype[{t!r}][{s!r}] = {genotype[t][s]!r}: expected one of "
+                                 f"{ATRC_CONTEXTS} or its index 0..4")
+            out[t][s] = c
+    return out
+
+
+def spatial_softmax(aux_logits):
+    """Â: the auxiliary logits (B, R, h, w) softmaxed over the h*w positions per region r, (B, R, L)."""
+    return aux_logits.flatten(2).softmax(-1)
+
+
+def two_conv_bn(cin, d, last):
+    """f_q / f_k of the authors' code: Conv1x1-BN-ReLU, then Conv1x1-BN and `last` (Softplus or ReLU)."""
+    return nn.Sequential(conv_bn_relu(cin, d, 1), nn.Conv2d(d, d, 1, bias=False), nn.BatchNorm2d(d), last)
+
+
+class GlobalContext(nn.Module):
+    """Global context: linear attention over all positions of the source with the dot-product kernel on
+    Softplus features (no 1/sqrt(d): the authors' code), never an L x L tensor:
+        out_i = sum_j v_j <k_j, q_i> / max(sum_j <k_j, q_i>, 1e-12)          q_i, k_j, v_j in R^d."""
+
+    def __init__(self, channels, d):
+        super().__init__()
+        self.query, self.key = two_conv_bn(channels, d, nn.Softplus()), two_conv_bn(channels, d, nn.Softplus())
+        self.value = conv_bn_relu(channels, d, 1)
+
+    def forward(self, target, source, regions=None):
+        B, _, h, w = target.shape
+        q, k, v = self.query(target).flatten(2), self.key(source).flatten(2), self.value(source).flatten(2)
+        kv = v @ k.transpose(1, 2)                                        # (B, d, d)
+        norm = (k.sum(-1, keepdim=True).transpose(1, 2) @ q).clamp_min(1e-12)   # (B, 1, L)
+        return (kv @ q / norm).view(B, -1, h, w)
+
+
+class LocalContext(nn.Module):
+    """Local context: softmax attention over the 9 x 9 window around each position, logits / sqrt(d).
+    Window positions outside the map count as logit 0 and value 0 (the authors' CUDA op: they stay in the
+    softmax's denominator). Pure PyTorch via unfold: (B, d * 81, L) per map; the two contractions as
+    einsums (batched matrix products, which FLOP counters see)."""
+
+    def __init__(self, channels, d):
+        super().__init__()
+        self.query, self.key = two_conv_bn(channels, d, nn.ReLU()), two_conv_bn(channels, d, nn.ReLU())
+        self.value = conv_bn_relu(channels, d, 1)
+
+    def forward(self, target, source, regions=None):
+        B, _, h, w = target.shape
+        q, k, v = self.query(target), self.key(source), self.value(source)
+        d, n = q.shape[1], LOCAL_WINDOW * LOCAL_WINDOW
+        window = lambda x: F.unfold(x, LOCAL_WINDOW, padding=LOCAL_WINDOW // 2).view(B, d, n, h * w)
+        logits = torch.einsum('bdl,bdnl->bnl', q.flatten(2), window(k)) * d ** -0.5      # (B, 81, L)
+        return torch.einsum('bdnl,bnl->bdl', window(v), logits.softmax(1)).view(B, d, h, w)
+
+
+class LabelContext(nn.Module):
+    """T-label / S-label context: attention over R region prototypes of the source features, the regions
+    being the target's (T-label) or the source's (S-label) auxiliary prediction, softmaxed over positions:
+        P = Â F_s^T (B, R, C), seen as a (B, C, R, 1) map;  out_i = sum_r softmax_r(<q_i, k_r> / sqrt(d)) v_r."""
+
+    def __init__(self, channels, d):
+        super().__init__()
+        self.query, self.key = two_conv_bn(channels, d, nn.ReLU()), two_conv_bn(channels, d, nn.ReLU())
+        self.value = conv_bn_relu(channels, d, 1)
+
+    def forward(self, target, source, regions):
+        B, _, h, w = target.shape
+        prototypes = (regions @ source.flatten(2).transpose(1, 2)).transpose(1, 2)[..., None]   # (B, C, R, 1)
+        q = self.query(target).flatten(2)                                 # (B, d, L)
+        k, v = self.key(prototypes).flatten(2), self.value(prototypes).flatten(2)    # (B, d, R)
+        attention = (q.transpose(1, 2) @ k * q.shape[1] ** -0.5).softmax(-1)         # (B, L, R)
+        return (v @ attention.transpose(1, 2)).view(B, -1, h, w)
+
+
+CONTEXT_BLOCKS = {'global': GlobalContext, 'local': LocalContext, 'tlabel': LabelContext, 'slabel': LabelContext}
+
+
+class ATRCDistillation(nn.Module):
+    """ATRC's distillation (its Fig. 2): for every target t, the CP blocks of its row of the genotype,
+    their outputs concatenated and projected back to C (Conv1x1 + BN with BN weight and bias 0, so that
+    ATRC adds exactly nothing at the start), then cat(F_t, projection) -> Conv1x1-BN-ReLU -> Dropout2d.
+    A row of 'none' keeps only F_t -> Conv1x1-BN-ReLU -> Dropout2d. forward(feats, regions): feats
+    {task: (B, C, h, w)}, regions {task: Â (B, R, L)} for the tasks a label context reads."""
+
+    def __init__(self, tasks, genotype, channels, d, dropout=0.05):
+        super().__init__()
+        self.genotype = atrc_genotype(genotype, tasks)
+        self.blocks = nn.ModuleDict({t: nn.ModuleDict({s: CONTEXT_BLOCKS[c](channels, d) for s, c in row.items()
+                                                       if c != 'none'}) for t, row in self.genotype.items()})
+        self.project, self.bottleneck = nn.ModuleDict(), nn.ModuleDict()
+        for t, blocks in self.blocks.items():
+            if len(blocks):
+                self.project[t] = nn.Sequential(nn.Conv2d(d * len(blocks), channels, 1, bias=False),
+                                                nn.BatchNorm2d(channels))
+                nn.init.zeros_(self.project[t][1].weight)
+                nn.init.zeros_(self.project[t][1].bias)
+            cin = 2 * channels if len(blocks) else channels
+            self.bottleneck[t] = nn.Sequential(conv_bn_relu(cin, channels, 1), nn.Dropout2d(dropout))
+
+    def region_tasks(self):
+        """The tasks whose auxiliary regions some label context reads."""
+        return {t if c == 'tlabel' else s for t, row in self.genotype.items() for s, c in row.items()
+                if c in ('tlabel', 'slabel')}
+
+    def forward(self, feats, regions):
+        out = {}
+        for t, blocks in self.blocks.items():
+            x = feats[t]
+            if len(blocks):
+                context = [block(x, feats[s], regions.get(t if self.genotype[t][s] == 'tlabel' else s))
+                           for s, block in blocks.items()]
+                x = torch.cat([x, self.project[t](torch.cat(context, 1))], 1)
+            out[t] = self.bottleneck[t](x)
+        return out

@@ -51,6 +51,8 @@ the split is cut into batches or ranks; all_reduce sums them across processes):
 MTL gain: delta_m = 100 / T * sum_t s_t * (M_t - B_t) / B_t, s_t = +1 when higher is better and -1
 when lower is better (the (-1)^{l_t} of the papers), on the metric named by TASK_METRIC.
 """
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -58,6 +60,7 @@ import torch.nn.functional as F
 from data import IGNORE        # the label to skip (seg / saliency / edge), defined with the data format
 
 EDGE_POS_WEIGHT = 0.95       # weight of the positive (edge) term of the edge loss, as MTI-Net / ATRC
+AUX_DEPTH_BINS = 40          # ATRC's auxiliary depth classes
 NORMALS_EPS = 1e-12          # eps of the prediction normalisation (F.normalize's default)
 DEPTH_EVAL_MIN = 1e-9        # depth predictions <= 0 are evaluated as this (the authors' eval_depth)
 NORMALS_BIN_DEG = 0.001      # histogram resolution of the normals median, degrees
@@ -192,6 +195,57 @@ def task_loss(task, pred, target, normals_form='cosine'):
     if task == 'normals':
         return normals_loss(pred, target, normals_form)
     return TASK_LOSS[task](pred, target)
+
+
+def discretise(task, target, depth_range=None, normals_centroids=None):
+    """ATRC's label spaces: a target map -> (B, H, W) int64 region indices, 255 where it is invalid.
+    depth: 40 bins spaced evenly in log(depth) over depth_range (bin floor(40 log(d / lo) / log(hi / lo)),
+    clipped to 0..39); normals: the nearest of the centroids (40, 3) by cosine; saliency / edge: the class
+    0 / 1; segmentation tasks: their labels."""
+    if task in SEG_TASKS:
+        return target
+    if task == 'depth':
+        lo, hi = (float(v) for v in depth_range)
+        n = AUX_DEPTH_BINS
+        bins = torch.floor(n * torch.log(target.clamp(min=1e-12) / lo) / math.log(hi / lo)).clamp(0, n - 1)
+        return torch.where(target > 0, bins, float(IGNORE))[:, 0].long()
+    if task == 'normals':
+        index = torch.einsum('bchw,kc->bkhw', target, normals_centroids.to(target.dtype)).argmax(1)
+        return torch.where((target != 0).any(1), index, IGNORE)
+    return torch.where(target == IGNORE, float(IGNORE), (target >= 0.5).float())[:, 0].long()
+
+
+def normals_centroids(normals, k=40, seed=0, iters=30):
+    """k unit vectors that cluster the unit normals (N, 3) (N >= k): spherical k-means (cosine
+    assignment, centroid = normalised mean) from a k-means++ start drawn with `seed`. ATRC's normals
+    label space, computed here from training normals (theirs ship as a file of their data release)."""
+    x = F.normalize(torch.as_tensor(normals, dtype=torch.float64), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randint(len(x), (1,), generator=g)]
+    for _ in range(k - 1):                # k-means++: the next start far (in angle) from those chosen
+        far = (1 - (x @ centroids.T).max(1).values).clamp(min=0) ** 2 + 1e-12
+        centroids = torch.cat([centroids, x[torch.multinomial(far, 1, generator=g)]])
+    for _ in range(iters):
+        sums = torch.zeros_like(centroids).index_add_(0, (x @ centroids.T).argmax(1), x)
+        kept = sums.norm(dim=1) > 0                                   # an empty cluster keeps its centroid
+        centroids[kept] = F.normalize(sums[kept], dim=1)
+    return centroids.float()
+
+
+def aux_loss(task, logits, target, depth_range=None, normals_centroids=None):
+    """The loss of ATRC's auxiliary prediction (B, R, H, W) of `task` on its discretised target: cross-entropy
+    over the regions, for edge with the class weights (1 - w, w) of the edge loss, for saliency with the
+    batch's balance (positives weighted by the fraction of negatives), as ATRC's 2-class losses."""
+    labels = discretise(task, target, depth_range, normals_centroids)
+    weight = None
+    if task == 'edge':
+        weight = torch.tensor([1 - EDGE_POS_WEIGHT, EDGE_POS_WEIGHT], device=logits.device)
+    elif task == 'saliency':
+        valid = labels != IGNORE
+        neg = ((labels == 0) & valid).sum() / valid.sum().clamp(min=1)
+        weight = torch.stack([1 - neg, neg]).float()
+    ce = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=IGNORE, reduction='none')
+    return ce.sum() / (labels != IGNORE).sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------- meters

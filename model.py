@@ -5,7 +5,8 @@
     out['semseg']                # (B, 13, H, W) final prediction at input resolution
     out['initial']['semseg']     # (B, 13, H, W) initial prediction (deep supervision)
                                  # mtinet / ctal_ms: a list of 4, from scales [1/4, 1/8, 1/16, 1/32]
-                                 # stl / mtl / tif: 'initial' is {}
+                                 # stl / mtl / tif / atrc: 'initial' is {}
+    out['aux']                   # atrc: {task: (B, R_t, H, W)} auxiliary predictions
 
 Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
 
@@ -19,6 +20,8 @@ Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
                  -> per task HRHead over the 4 distilled maps (MTI-Net's feature aggregation)
   ctal_ms  HRNet -> MTINetFrontEnd -> per task Fuse of its 4 feature maps (270 @ 1/4)
                  -> CTALDistillation -> per task final head(128)   (EMA-Net Sec. 3.4, Fig. 3)
+  atrc     HRNet -> upsample + concat (270 @ 1/4) -> per task F_t (67) -> ATRCDistillation (+ auxiliary
+                 heads on the detached concat for the label contexts) -> Conv1x1 -> upsample   (ATRC Sec. 3)
   tif      HRNet -> baselines.TIFDecoder (shared SAFF per scale; per task SFD at 1/16, 1/32 and LTHD at
                  1/4, 1/8; head over the 4 scales) -> upsample   (TIF paper Sec. 3, no cross-task module)
 
@@ -53,11 +56,12 @@ from timm.models.hrnet import HighResolutionModule
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ConcatDistillation, MTINetFrontEnd, PADDistillation,
-                       PAPPropagation, TIFDecoder, conv1x1_bn, resize)
+from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ATRCDistillation, ConcatDistillation, MTINetFrontEnd,
+                       PADDistillation, PAPPropagation, TIFDecoder, conv1x1_bn, conv_bn_relu, resize,
+                       spatial_softmax)
 from ctal import CTAL
 
-MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif')
+MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif', 'atrc')
 BACKBONES = ('hrnet18', 'swinv2_s')
 # the papers run only these on the transformer backbone (CTAL paper Sec. 3.3, Tabs. 2-3)
 SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif')
@@ -523,6 +527,77 @@ class TIF(MultiTaskModel):
         return out
 
 
+# The ATRC authors' searched genotypes for HRNet-18 (their genotypes/atrc_nyud_hrnet18.json and
+# atrc_pascal_hrnet18.json, step 40000), rows = target, columns = source. Other task sets take the
+# sub-matrix of the one that holds their tasks (our NYUv2 and Cityscapes: the NYUD-v2 one).
+ATRC_NYUD = {'semseg': dict(semseg='tlabel', depth='tlabel', normals='slabel', edge='slabel'),
+             'depth': dict(semseg='slabel', depth='tlabel', normals='slabel', edge='slabel'),
+             'normals': dict(semseg='slabel', depth='tlabel', normals='tlabel', edge='slabel'),
+             'edge': dict(semseg='tlabel', depth='tlabel', normals='global', edge='tlabel')}
+ATRC_PASCAL = {
+    'semseg': dict(semseg='tlabel', human_parts='tlabel', saliency='slabel', normals='none', edge='slabel'),
+    'human_parts': dict(semseg='tlabel', human_parts='tlabel', saliency='slabel', normals='tlabel', edge='slabel'),
+    'saliency': dict(semseg='tlabel', human_parts='tlabel', saliency='tlabel', normals='slabel', edge='tlabel'),
+    'normals': dict(semseg='tlabel', human_parts='tlabel', saliency='tlabel', normals='tlabel', edge='slabel'),
+    'edge': dict(semseg='tlabel', human_parts='tlabel', saliency='tlabel', normals='global', edge='tlabel')}
+# regions of the auxiliary prediction per task (ATRC's label spaces): segmentation tasks their classes;
+# depth 40 log-spaced bins, normals 40 clusters on the sphere, edge and saliency 2 classes
+ATRC_REGIONS = {'depth': 40, 'normals': 40, 'edge': 2, 'saliency': 2}
+ATRC_DEPTH_RANGE = (0.7, 10.0)          # metres: the authors' log-spaced depth bins (NYUD-v2)
+
+
+def default_atrc_genotype(tasks):
+    table = ATRC_PASCAL if {'human_parts', 'saliency'} & set(tasks) else ATRC_NYUD
+    unknown = [t for t in tasks if t not in table]
+    if unknown:
+        raise ValueError(f"atrc: no published genotype covers the tasks {unknown}; pass a genotype "
+                         f"{{target: {{source: context}}}} (contexts: none, global, local, tlabel, slabel)")
+    return {t: {s: table[t][s] for s in tasks} for t in tasks}
+
+
+class ATRC(MultiTaskModel):
+    """`atrc` (ATRC paper Sec. 3, as the authors' code builds it on HRNet-18): the 4 HRNet maps upsampled
+    and concatenated at 1/4 (270 channels, no fuse conv) -> per task F_t = Conv3x3-BN-ReLU (270 -> 67)
+    -> baselines.ATRCDistillation (d = 33) -> Conv1x1 logits -> upsample. The label contexts read
+    auxiliary predictions: per task that needs one, Conv1x1-BN-ReLU (270 -> 270) -> Conv1x1 -> R_t regions
+    on the DETACHED concatenation (their code: the auxiliary losses do not train the backbone), returned
+    upsampled in out['aux'] and trained on discretised targets (metrics.aux_loss). The depth bins and
+    normals clusters they are discretised by are buffers (`label_spaces`), so a checkpoint carries them."""
+
+    def __init__(self, tasks, img_size, pretrained=None, genotype=None):
+        super().__init__(tasks, img_size)
+        self.backbone = HRNetBackbone(pretrained)
+        c = sum(HRNET_CHANNELS)
+        width = c // 4                                                  # 67, and d = 33 in the blocks
+        self.features = nn.ModuleDict({t: conv_bn_relu(c, width, 3) for t in self.tasks})
+        self.distill = ATRCDistillation(self.tasks, genotype or default_atrc_genotype(self.tasks), width,
+                                        width // 2)
+        self.aux_heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(c, c, 1), nn.Conv2d(c, ATRC_REGIONS.get(t, k), 1))
+                                        for t, k in self.tasks.items() if t in self.distill.region_tasks()})
+        self.logits = nn.ModuleDict({t: nn.Conv2d(width, k, 1) for t, k in self.tasks.items()})
+        for conv in self.logits.values():                               # their init of every *logits* layer
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        self.register_buffer('depth_range', torch.tensor(ATRC_DEPTH_RANGE))
+        self.register_buffer('normals_centroids', torch.zeros(ATRC_REGIONS['normals'], 3))
+
+    def label_spaces(self):
+        """What metrics.aux_loss discretises the targets by."""
+        return {'depth_range': self.depth_range, 'normals_centroids': self.normals_centroids}
+
+    def forward(self, x):
+        self.check_input(x)
+        xs = self.backbone(x)
+        shared = torch.cat([xs[0]] + [resize(f, xs[0].shape[-2:]) for f in xs[1:]], 1)   # (B, 270, H/4, W/4)
+        aux = {t: head(shared.detach()) for t, head in self.aux_heads.items()}
+        refined = self.distill({t: f(shared) for t, f in self.features.items()},
+                               {t: spatial_softmax(a) for t, a in aux.items()})
+        out = {t: resize(self.logits[t](refined[t]), self.img_size) for t in self.tasks}
+        out['initial'] = {}
+        out['aux'] = {t: resize(a, self.img_size) for t, a in aux.items()}
+        return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # builder
 
@@ -586,7 +661,7 @@ def check_arguments(name, tasks, img_size, backbone, pap_iters, pap_affinity, fp
 
 def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.05, ctal_impl='auto',
                 ctal_fusion='shared', pretrained=None, pap_iters=1, pap_affinity='code', fpm_softmax='code',
-                hrnet_bn_momentum=HRNET_BN_MOMENTUM):
+                hrnet_bn_momentum=HRNET_BN_MOMENTUM, genotype=None):
     """Build model `name` for `tasks` (dict task -> output channels, in canonical order) at img_size (H, W).
 
     scale: CTAL's distillation scale (ctal_ss/ctal_ms on HRNet; see `distillation_size`); gamma,
@@ -599,6 +674,7 @@ def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.
     hrnet_bn_momentum: momentum of the HRNet backbone's BatchNorms (theirs: 0.01). It changes only how
     fast the running statistics follow training, not the function; runs of a few hundred steps need
     a larger one (0.1, timm's) for their eval-mode statistics to catch up.
+    genotype: atrc's {target: {source: context}} (baselines.atrc_genotype); None = the authors' searched one.
     Arguments a model does not use are ignored.
     """
     img_size = tuple(img_size)
@@ -606,14 +682,14 @@ def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.
     if not 0 < hrnet_bn_momentum <= 1:
         raise ValueError(f"hrnet_bn_momentum must be in (0, 1], got {hrnet_bn_momentum!r}")
     model = build_architecture(name, dict(tasks), img_size, backbone, scale, gamma, ctal_impl, ctal_fusion,
-                               pretrained, pap_iters, pap_affinity, fpm_softmax)
+                               pretrained, pap_iters, pap_affinity, fpm_softmax, genotype)
     for backbone_module in [m for m in model.modules() if isinstance(m, HRNetBackbone)]:
         set_bn_momentum(backbone_module, hrnet_bn_momentum)
     return model
 
 
 def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl, ctal_fusion, pretrained,
-                       pap_iters, pap_affinity, fpm_softmax):
+                       pap_iters, pap_affinity, fpm_softmax, genotype):
     """The model `name` with checked arguments (see build_model)."""
     if name == 'stl':
         return SingleTask(tasks, img_size, backbone, pretrained)
@@ -621,6 +697,8 @@ def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl,
         return HardSharing(tasks, img_size, backbone, pretrained)
     if name == 'tif':
         return TIF(tasks, img_size, backbone, pretrained)
+    if name == 'atrc':
+        return ATRC(tasks, img_size, pretrained, genotype)
     if name == 'mtinet':
         return MTINet(tasks, img_size, pretrained, fpm_softmax)
     if name == 'ctal_ms':

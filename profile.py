@@ -64,8 +64,8 @@ NYUV2_SIZE = DATASETS["nyuv2"]["size"]
 SETTINGS = dict(DATASETS, nyud=dict(tasks={"semseg": 40, "depth": 1, "normals": 3, "edge": 1}, size=(425, 560),
                                     val_images=654, backbone="hrnet18"))
 # The papers' figures in that setting: model -> (Params (M), GFLOPs as printed = multiply-accumulates per
-# image) (TIF Tab. 3).
-PAPER_NYUD = {"tif": (5.27, 16.6)}
+# image) (TIF Tab. 3, ATRC Tab. 1).
+PAPER_NYUD = {"tif": (5.27, 16.6), "atrc": (5.06, 25.76)}
 # The papers' resource table, NYUv2 with HRNet-W18 (EMA-Net Tab. 3 = CTAL Tab. 5):
 # (model, scale) -> (params relative to STL, GMAC for a batch of 8, seconds for the val split on one
 # RTX A5000, delta_m). PAP-Net's 521 G matches two propagation iterations (row 'papnet x2').
@@ -244,7 +244,7 @@ def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, dev
 
     def train_step():
         out = model(images)
-        loss = sum(o.float().mean() for t, o in out.items() if t != "initial")
+        loss = sum(o.float().mean() for o in out.values() if torch.is_tensor(o))   # not 'initial' / 'aux' 
         loss.backward()
         model.zero_grad(set_to_none=True)
 

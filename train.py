@@ -19,6 +19,7 @@ exactly on CPU. out_dir: config.json, log.jsonl, results.json, vis_epochNNN.png,
 Beside this loop: config.py (argparse over the defaults), ddp.py (processes, synchronised BatchNorm,
 stopping together), checkpoint.py (the run's files, resume, the delta_m reference), vis.py (the pictures).
 """
+import hashlib
 import json
 import math
 import os
@@ -37,8 +38,8 @@ from ctal import CTAL, FUSIONS, IMPLS
 from data import DATASETS, build_dataset
 from ddp import (Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, check_device_name,
                  convert_sync_batchnorm, epoch_batches, setup_distributed)
-from metrics import NORMALS_LOSSES, TASK_METRIC, build_meters, delta_m, task_loss
-from model import BACKBONES, MODEL_NAMES, build_model
+from metrics import NORMALS_LOSSES, TASK_METRIC, aux_loss, build_meters, delta_m, normals_centroids, task_loss
+from model import ATRC, BACKBONES, MODEL_NAMES, build_model
 from synthetic import make_synthetic
 from vis import save_curves, save_val_grid
 
@@ -65,6 +66,7 @@ ctal_fusion = 'shared'        # CTAL: shared | task
 pap_iters = 1                 # PAP-Net propagation iterations
 pap_affinity = 'code'         # PAP-Net affinity: code (the CTAL authors') | paper (PAP-Net's text)
 fpm_softmax = 'code'          # MTI-Net FPM mask: code (MTI-Net's code) | paper (MTI-Net Sec. 2.4)
+genotype = None               # atrc: JSON file {target: {source: context}}; None = the authors' searched one
 hrnet_bn_momentum = 0.01      # the authors' HRNet BN momentum; runs of a few hundred steps need 0.1
 pretrained = None             # local ImageNet backbone checkpoint (timm / torchvision); None = random
 init_from = None              # fine-tune from / evaluate this project's ckpt.pt or best.pt
@@ -158,18 +160,31 @@ def check_config(cfg):
                                               or cfg['restart_period'] < 1):
         raise UserError(f"restart_period={cfg['restart_period']!r}: expected None or an integer >= 1")
     check_device_name(cfg['device'])
-    for key in ('data_root', 'out_dir', 'pretrained', 'init_from', 'stl_results'):
+    for key in ('data_root', 'out_dir', 'pretrained', 'init_from', 'stl_results', 'genotype'):
         if cfg[key] is not None and not isinstance(cfg[key], str):
             raise UserError(f"{key}={cfg[key]!r}: expected a path (string) or None")
     if cfg['resume'] and cfg['eval_only']:
         raise UserError("resume=True and eval_only=True: pick one (eval_only scores a checkpoint, resume trains on)")
     cfg['tasks'], cfg['loss_weights'] = check_tasks(cfg)
+    cfg['genotype'] = read_genotype(cfg['genotype'])
     cfg['synthetic_size'] = as_pair('synthetic_size', cfg['synthetic_size'])
     cfg['img_size'] = None if cfg['img_size'] is None else as_pair('img_size', cfg['img_size'])
     cfg['data_root'] = cfg['data_root'] or os.path.join('data', cfg['dataset'])
     suffix = '' if cfg['backbone'] == 'hrnet18' else f"_{cfg['backbone']}"
     cfg['out_dir'] = cfg['out_dir'] or os.path.join('out', f"{cfg['dataset']}_{cfg['model']}{suffix}")
     return cfg
+
+
+def read_genotype(value):
+    """genotype: a JSON file's path -> its contents, so that config.json and the checkpoints carry the
+    genotype itself (model.build_model checks it against the tasks)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        with open(value) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"genotype={value!r}: cannot read it as a JSON file ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -209,10 +224,11 @@ def to_device(batch, device):
 
 # ------------------------------------------------------------------------------------------ loss, eval
 
-def compute_losses(out, batch, tasks, normals_form='cosine'):
+def compute_losses(out, batch, tasks, normals_form='cosine', label_spaces=None):
     """Per task L_initial + L_final (deep supervision, CTAL paper Sec. 2): {task: scalar}. 'initial' holds
     a tensor, or for the multi-scale models a list of per-scale predictions (their mean loss), or nothing
-    (stl / mtl)."""
+    (stl / mtl). atrc's out['aux'] adds each auxiliary prediction's loss to its task's (ATRC: same weight),
+    on targets discretised by the model's label_spaces."""
     losses = {}
     for t in tasks:
         initial = out['initial'].get(t)
@@ -220,7 +236,40 @@ def compute_losses(out, batch, tasks, normals_form='cosine'):
         losses[t] = task_loss(t, out[t], batch[t], normals_form)
         if initial:
             losses[t] = losses[t] + sum(task_loss(t, p, batch[t], normals_form) for p in initial) / len(initial)
+    for t, logits in out.get('aux', {}).items():
+        losses[t] = losses[t] + aux_loss(t, logits, batch[t], **label_spaces)
     return losses
+
+
+def set_atrc_label_spaces(net, cfg, train_set):
+    """atrc's depth bins and normals clusters for this data, computed once from a seeded sample of the
+    training targets and cached in data_root: 40 normals clusters (metrics.normals_centroids); depth bins
+    over the authors' 0.7-10 m, except on Cityscapes, whose MTAN depth is inverse depth without a metric
+    unit: its bins span the 1st-99th percentile of the training values."""
+    first = train_set[0]                       # the cache is named by the data it came from, so it cannot go stale
+    digest = hashlib.sha1(repr(len(train_set)).encode())
+    for t in cfg['tasks']:
+        digest.update(first[t].numpy().tobytes())
+    path = os.path.join(cfg['data_root'], f"atrc_label_spaces_{digest.hexdigest()[:12]}_seed{cfg['seed']}.pt")
+    if os.path.isfile(path):
+        spaces = torch.load(path, weights_only=True)
+    else:
+        samples = [train_set[i] for i in range(0, len(train_set), max(1, len(train_set) // 64))]
+        g = torch.Generator().manual_seed(cfg['seed'])
+        pick = lambda x: x[torch.randperm(len(x), generator=g)[:200_000]]
+        spaces = net.label_spaces()
+        if 'normals' in cfg['tasks']:
+            n = torch.cat([s['normals'].flatten(1).T for s in samples])
+            spaces['normals_centroids'] = normals_centroids(pick(n[(n != 0).any(1)]), seed=cfg['seed'])
+        if cfg['dataset'] == 'cityscapes' and 'depth' in cfg['tasks']:
+            d = torch.cat([s['depth'].flatten() for s in samples])
+            spaces['depth_range'] = torch.quantile(pick(d[d > 0]), torch.tensor([0.01, 0.99]))
+        try:
+            save_checkpoint(path, spaces)
+        except OSError:                               # a read-only data folder: no cache
+            pass
+    for name, value in spaces.items():
+        getattr(net, name).copy_(value)
 
 
 def make_scheduler(optimizer, cfg):
@@ -342,7 +391,8 @@ def train_step(run, batch):
     cfg = run.cfg
     with autocast(cfg, run.device):
         out = run.model(batch['image'])
-    losses = compute_losses(out, batch, cfg['tasks'], cfg['normals_loss'])
+    spaces = run.net.label_spaces() if isinstance(run.net, ATRC) else None
+    losses = compute_losses(out, batch, cfg['tasks'], cfg['normals_loss'], spaces)
     shared = all_reduce_sum(torch.stack([l.detach().float() for l in losses.values()])) / run.world
     values = dict(zip(cfg['tasks'], shared.tolist()))
     bad = [t for t, v in values.items() if not math.isfinite(v)]
@@ -466,7 +516,7 @@ def build_net(cfg, size, device):
                       backbone=cfg['backbone'], scale=cfg['scale'], gamma=cfg['gamma'], ctal_impl=cfg['ctal_impl'],
                       ctal_fusion=cfg['ctal_fusion'], pretrained=cfg['pretrained'], pap_iters=cfg['pap_iters'],
                       pap_affinity=cfg['pap_affinity'], fpm_softmax=cfg['fpm_softmax'],
-                      hrnet_bn_momentum=cfg['hrnet_bn_momentum'])
+                      hrnet_bn_momentum=cfg['hrnet_bn_momentum'], genotype=cfg['genotype'])
     return net.to(device)
 
 
@@ -481,6 +531,8 @@ def setup(cfg):
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     check_out_dir(cfg)
+    if isinstance(net, ATRC):
+        set_atrc_label_spaces(net, cfg, train_set)          # before any checkpoint: its own ones win
     own = os.path.join(cfg['out_dir'], 'ckpt.pt')     # resume: always the run's own; init_from: only its start
     ckpt_path = own if cfg['resume'] else cfg['init_from'] or own
     ckpt = None

@@ -20,7 +20,8 @@ from timm.models.hrnet import HighResolutionModule
 
 from baselines import (MTINetFrontEnd, PADDistillation, PAPPropagation, FeaturePropagation, pap_affinity,
                        fpm_softmax)
-from model import MODEL_NAMES, SWIN_MODEL_NAMES, CTALDistillation, HRNetBackbone, SwinBackbone, build_model
+from model import (ATRC_NYUD, MODEL_NAMES, SWIN_MODEL_NAMES, CTALDistillation, HRNetBackbone, SwinBackbone,
+                   build_model)
 
 NYU = {'semseg': 13, 'depth': 1, 'normals': 3}
 CITY = {'semseg': 19, 'depth': 1}
@@ -138,7 +139,24 @@ def expected_counts(tasks, size, denominator=4):
         'mtinet': front + sum(T * (T - 1) * 2 * conv(c, c, 3, False) for c in ch) + sum(hrhead(k) for k in Ks),
         'ctal_ms': front + ctal + sum(fuse + conv(270, 128) + conv_out + final(128, k) for k in Ks),
         'tif': hrnet + tif_decoder(tasks, ch, 58),
+        'atrc': hrnet + atrc_head(tasks, {t: {s: ATRC_NYUD[t][s] for s in tasks} for t in tasks}),
     }
+
+
+def atrc_head(tasks, genotype, c=270, width=67, d=33):
+    """ATRC after the backbone from its layer list (the authors' code): per task F_t and the logits; one
+    CP block per non-'none' pair (q, k: two Conv1x1-BN, v: one); per row the zero-init projection and the
+    bottleneck (67 -> 67 on an all-'none' row); an auxiliary head for every task whose regions are read."""
+    block = 2 * (conv(width, d, 1, False) + bn(d) + conv(d, d, 1, False) + bn(d)) + conv(width, d, 1, False) + bn(d)
+    n = {t: sum(ctx != 'none' for ctx in row.values()) for t, row in genotype.items()}
+    rows = sum(conv(d * n[t], width, 1, False) + bn(width) + conv(2 * width, width, 1, False) + bn(width) if n[t]
+               else conv(width, width, 1, False) + bn(width) for t in tasks)
+    read = {t for t, row in genotype.items() for ctx in row.values() if ctx == 'tlabel'} | \
+        {s for row in genotype.values() for s, ctx in row.items() if ctx == 'slabel'}
+    regions = {'depth': 40, 'normals': 40, 'edge': 2, 'saliency': 2}
+    aux = sum(conv(c, c, 1, False) + bn(c) + conv(c, regions.get(t, tasks[t])) for t in read)
+    return (sum(conv(c, width, 3, False) + bn(width) + conv(width, k) for k in tasks.values()) + sum(n.values()) * block
+            + rows + aux)
 
 
 def tif_decoder(tasks, ch, w, ffn=2):
@@ -234,8 +252,8 @@ def run_and_check(model, tasks, size, batch=1, device='cpu'):
     torch.manual_seed(0)
     model = model.to(device).train()
     out = model(torch.randn(batch, 3, *size, device=device))
-    assert set(out) == set(tasks) | {'initial'}
-    loss = 0
+    assert set(out) - {'aux'} == set(tasks) | {'initial'}
+    loss = sum(a.square().mean() for a in out.get('aux', {}).values())      # atrc's auxiliary predictions
     for t, k in tasks.items():
         assert out[t].shape == (batch, k, *size)
         assert torch.isfinite(out[t]).all()
@@ -253,7 +271,7 @@ def run_and_check(model, tasks, size, batch=1, device='cpu'):
 
 
 def check_initial_structure(name, out, tasks):
-    if name in ('stl', 'mtl', 'tif'):                   # tif: the paper has no deep supervision
+    if name in ('stl', 'mtl', 'tif', 'atrc'):           # tif, atrc: the papers have no deep supervision
         assert out['initial'] == {}
     elif name in ('mtinet', 'ctal_ms'):
         assert set(out['initial']) == set(tasks)

@@ -114,8 +114,8 @@ def test_every_config_follows_the_recipe():
     their transformer code's per-model loss weights and L1 normals loss (no clipping: no code of theirs reads
     the clip value their configs name)."""
     expected = {f'nyuv2_{m}' for m in train.MODEL_NAMES} | {f'cityscapes_{m}' for m in train.MODEL_NAMES} | \
-        {f'pascal_{m}' for m in ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif')} | \
-        {'synthetic_stl', 'synthetic_mtl', 'synthetic_ctal_ss', 'synthetic_tif'}
+        {f'pascal_{m}' for m in ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif', 'atrc')} | \
+        {'synthetic_stl', 'synthetic_mtl', 'synthetic_ctal_ss', 'synthetic_tif', 'synthetic_atrc'}
     found = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))}
     assert expected <= found
     recipe = {'nyuv2': (1e-4, 1e-4, 200, 0.0, 'hrnet18'), 'cityscapes': (5e-4, 1e-4, 75, 0.0, 'hrnet18'),
@@ -126,8 +126,10 @@ def test_every_config_follows_the_recipe():
         assert (cfg['dataset'], cfg['model']) == (dataset, model), name
         if dataset == 'synthetic':
             continue
+        lr, wd, epochs, clip, backbone = recipe[dataset]
+        backbone = 'hrnet18' if model == 'atrc' else backbone         # ATRC's PASCAL-Context backbone (its Tab. 4)
         assert (cfg['lr'], cfg['weight_decay'], cfg['epochs'], cfg['grad_clip'], cfg['backbone']) == \
-            recipe[dataset], name
+            (lr, wd, epochs, clip, backbone), name
         assert cfg['batch_size'] == 8 and cfg['gamma'] == 0.05 and cfg['pretrained'] is None, name
         ms = dataset == 'cityscapes' and model in ('mtinet', 'ctal_ms')
         assert cfg['scheduler'] == ('cosine_restarts' if ms else 'cosine'), name
@@ -482,3 +484,16 @@ def test_inductor_compiled_model_equals_eager(model):
     (out, grads), (c_out, c_grads) = step(net), step(torch.compile(net))
     assert float((c_out - out).norm() / out.norm()) < 1e-4
     assert float((c_grads - grads).norm() / grads.norm()) < 1e-4
+
+
+def test_genotype_file_is_read_into_the_config(tmp_path):
+    """--genotype=FILE: the JSON's contents go into the config (so config.json and the checkpoints carry
+    the genotype itself); a file that cannot be read is one clear message."""
+    path = tmp_path / 'g.json'
+    path.write_text(json.dumps({'semseg': {'semseg': 3, 'depth': 1}, 'depth': {'semseg': 4, 'depth': 0}}))
+    cfg = train.parse_config(['--model=atrc', '--tasks=semseg,depth', f'--genotype={path}'])
+    assert cfg['genotype'] == {'semseg': {'semseg': 3, 'depth': 1}, 'depth': {'semseg': 4, 'depth': 0}}
+    (tmp_path / 'bad.json').write_text('{"semseg": ')
+    for name in ('bad.json', 'missing.json'):
+        with pytest.raises(train.UserError, match=f"genotype=.*{name}.*cannot read it as a JSON file"):
+            train.parse_config(['--model=atrc', f'--genotype={tmp_path / name}'])

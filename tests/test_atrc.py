@@ -1,0 +1,205 @@
+"""ATRC (Adaptive Task-Relational Context): the paper's parameter counts and MACs in its NYUD-v2 setting,
+each context block against its definition in float64 (the explicit normalised kernel matrix, a position-by-
+position window loop with the zero-logit border, explicit prototypes), ATRC adding nothing at
+initialisation, the genotype format, and the auxiliary losses on discretised targets."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baselines import ATRCDistillation, GlobalContext, LabelContext, LocalContext, atrc_genotype
+from metrics import aux_loss, discretise, normals_centroids
+from model import build_model
+
+NYUD = {'semseg': 40, 'depth': 1, 'normals': 3, 'edge': 1}       # the ATRC paper's NYUD-v2 tasks
+PASCAL = {'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1}
+TOL = dict(rtol=0, atol=1e-10)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def everywhere(context):
+    return {t: {s: context for s in NYUD} for t in NYUD}
+
+
+def randomise(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean = torch.randn(m.num_features, generator=g, dtype=m.running_mean.dtype)
+            m.running_var = torch.rand(m.num_features, generator=g, dtype=m.running_var.dtype) + 0.5
+    return module.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the paper's Table 1 (NYUD-v2, HRNet-18, 425x560)
+
+def test_parameter_counts_are_the_papers():
+    """ATRC 5.06 M with the authors' NYUD genotype, global / local context 4.73 M, the multi-task baseline
+    (backbone, F_t and logits, no distillation) 4.52 M: exactly the counts of the authors' code."""
+    atrc = build_model('atrc', NYUD, (425, 560))
+    assert n_params(atrc) == 5_060_994
+    assert n_params(build_model('atrc', NYUD, (425, 560), genotype=everywhere('global'))) == 4_734_172
+    assert n_params(build_model('atrc', NYUD, (425, 560), genotype=everywhere('local'))) == 4_734_172
+    assert n_params(atrc.backbone) + n_params(atrc.features) + n_params(atrc.logits) == 4_515_556
+    # PASCAL-Context: the authors' 5,383,142 has a 2-channel saliency output; ours has 1 (67 + 1 weights fewer)
+    assert n_params(build_model('atrc', PASCAL, (512, 512))) == 5_383_142 - 68
+
+
+def test_macs_are_within_5_percent_of_the_papers():
+    """Multiply-accumulates per image, profile.py's counter: ATRC 25.76 G, global 21.43, local 22.19, the
+    multi-task baseline 17.59 (its backbone, F_t and logits)."""
+    from profile import flop_counter
+
+    def gmacs(genotype=None):
+        model = build_model('atrc', NYUD, (425, 560), genotype=genotype).eval()
+        with flop_counter() as counter, torch.no_grad():
+            model(torch.rand(1, 3, 425, 560))
+        counts = counter.get_flop_counts()
+        base = sum(sum(v.values()) for k, v in counts.items()
+                   if k == 'ATRC.backbone' or k.count('.') == 2 and k.startswith(('ATRC.features.', 'ATRC.logits.')))
+        return counter.get_total_flops() / 2e9, base / 2e9
+    atrc, baseline = gmacs()
+    assert atrc == pytest.approx(25.76, rel=0.05) and baseline == pytest.approx(17.59, rel=0.05)
+    assert gmacs(everywhere('global'))[0] == pytest.approx(21.43, rel=0.05)
+    assert gmacs(everywhere('local'))[0] == pytest.approx(22.19, rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the context blocks against their definitions
+
+def features(seed, *shapes):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def test_global_context_is_the_normalised_kernel_matrix():
+    block = randomise(GlobalContext(6, 4).double())
+    target, source = features(1, (2, 6, 3, 5), (2, 6, 3, 5))
+    q, k, v = (m(x).flatten(2) for m, x in ((block.query, target), (block.key, source), (block.value, source)))
+    kernel = q.transpose(1, 2) @ k                                       # (B, L, L): <q_i, k_j>, explicit
+    weights = kernel / kernel.sum(-1, keepdim=True)
+    expected = (weights @ v.transpose(1, 2)).transpose(1, 2).reshape(2, 4, 3, 5)
+    assert (q > 0).all() and (k > 0).all()                              # softplus features: weights > 0
+    torch.testing.assert_close(block(target, source), expected, **TOL)
+
+
+def test_local_context_is_a_9x9_window_softmax_with_zero_logits_outside():
+    block = randomise(LocalContext(6, 4).double())
+    target, source = features(2, (1, 6, 5, 11), (1, 6, 5, 11))
+    with torch.no_grad():
+        q, k, v = block.query(target)[0], block.key(source)[0], block.value(source)[0]   # (d, h, w)
+    d, h, w = q.shape
+    expected = torch.zeros(d, h, w, dtype=torch.float64)
+    for y in range(h):
+        for x in range(w):
+            logits, values = [], []
+            for dy in range(-4, 5):
+                for dx in range(-4, 5):
+                    inside = 0 <= y + dy < h and 0 <= x + dx < w
+                    logits.append(float(q[:, y, x] @ k[:, y + dy, x + dx]) / math.sqrt(d) if inside else 0.0)
+                    values.append(v[:, y + dy, x + dx] if inside else torch.zeros(d, dtype=torch.float64))
+            weights = torch.tensor(logits, dtype=torch.float64).softmax(0)
+            expected[:, y, x] = sum(wt * val for wt, val in zip(weights, values))
+    torch.testing.assert_close(block(target, source)[0], expected, **TOL)
+
+
+def test_label_context_attends_to_explicit_prototypes():
+    block = randomise(LabelContext(6, 4).double())
+    target, source, logits = features(3, (2, 6, 3, 4), (2, 6, 3, 4), (2, 5, 3, 4))
+    regions = logits.flatten(2).softmax(-1)                              # Â: (B, R, L)
+    prototypes = torch.stack([torch.stack([(regions[b, r][None] * source[b].flatten(1)).sum(1) for r in range(5)])
+                              for b in range(2)])                       # (B, R, C): sum_i Â_r(i) F_s(i)
+    k = block.key(prototypes.transpose(1, 2)[..., None]).flatten(2)      # (B, d, R)
+    v = block.value(prototypes.transpose(1, 2)[..., None]).flatten(2)
+    q = block.query(target).flatten(2)                                   # (B, d, L)
+    attention = torch.softmax(torch.einsum('bdi,bdr->bir', q, k) / 2.0, -1)     # sqrt(d) = 2
+    expected = torch.einsum('bdr,bir->bdi', v, attention).reshape(2, 4, 3, 4)
+    torch.testing.assert_close(block(target, source, regions), expected, **TOL)
+
+
+def test_atrc_adds_nothing_at_initialisation():
+    """The projection's BN starts at weight 0 and bias 0: the output is the network with the contexts
+    removed (the bottleneck then sees F_t and zeros), exactly."""
+    torch.manual_seed(0)
+    model = build_model('atrc', {'semseg': 5, 'depth': 1, 'normals': 3}, (64, 96)).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        out = model(x)
+        xs = model.backbone(x)
+        shared = torch.cat([xs[0]] + [F.interpolate(f, xs[0].shape[-2:], mode='bilinear') for f in xs[1:]], 1)
+        for t in ('semseg', 'depth', 'normals'):
+            f = model.features[t](shared)
+            conv, bn = model.distill.bottleneck[t][0][0], model.distill.bottleneck[t][0][1]
+            y = torch.relu(bn(F.conv2d(f, conv.weight[:, :f.shape[1]])))     # the half that reads F_t
+            expected = F.interpolate(model.logits[t](y), (64, 96), mode='bilinear')
+            assert torch.equal(out[t], expected), t
+
+
+# ----------------------------------------------------------------------------------------------------
+# genotypes
+
+def test_genotype_rows_are_targets_and_the_authors_ids_load():
+    tasks = {'semseg': 3, 'depth': 1}
+    ids = {'semseg': {'semseg': 0, 'depth': 4}, 'depth': {'semseg': 1, 'depth': 3}}    # the authors' format
+    assert atrc_genotype(ids, tasks) == {'semseg': {'semseg': 'none', 'depth': 'slabel'},
+                                         'depth': {'semseg': 'global', 'depth': 'tlabel'}}
+    distill = ATRCDistillation(tasks, ids, 8, 4)
+    assert set(distill.blocks['semseg']) == {'depth'} and set(distill.blocks['depth']) == {'semseg', 'depth'}
+    assert isinstance(distill.blocks['depth']['semseg'], GlobalContext)
+    assert distill.region_tasks() == {'depth'}       # semseg <- S-label of depth; depth <- its own T-label
+    model = build_model('atrc', tasks, (64, 64), genotype=ids)
+    assert set(model.aux_heads) == {'depth'}
+
+
+@pytest.mark.parametrize('genotype,message', [
+    ({'semseg': {'semseg': 'global'}}, 'every\npair'.replace('\n', ' ')),
+    ({'semseg': {'semseg': 'global', 'depth': 'far'}, 'depth': {'semseg': 1, 'depth': 2}}, "'far'"),
+    ({'semseg': {'semseg': 7, 'depth': 1}, 'depth': {'semseg': 1, 'depth': 2}}, 'index 0..4'),
+])
+def test_a_bad_genotype_says_what_is_expected(genotype, message):
+    with pytest.raises(ValueError, match=message):
+        build_model('atrc', {'semseg': 3, 'depth': 1}, (64, 64), genotype=genotype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# auxiliary losses on discretised targets
+
+def test_depth_bins_are_log_spaced_over_the_range():
+    depth = torch.tensor([0.0, 0.5, 0.7, 1.0, 5.0, 10.0, 20.0]).view(1, 1, 1, 7)
+    expected = [255] + [max(0, min(39, math.floor(40 * math.log(d / 0.7) / math.log(10 / 0.7))))
+                        for d in (0.5, 0.7, 1.0, 5.0, 10.0, 20.0)]
+    assert discretise('depth', depth, depth_range=(0.7, 10.0)).flatten().tolist() == expected
+    assert expected[1:] == [0, 0, 5, 29, 39, 39]
+
+
+def test_normals_take_the_nearest_centroid_and_kmeans_finds_separated_clusters():
+    centres = F.normalize(torch.tensor([[0.0, 0, 1], [1, 0, 0.2], [-1, 0, 0.2], [0, 1, 0.3]]), dim=1)
+    g = torch.Generator().manual_seed(0)
+    points = F.normalize(centres.repeat_interleave(500, 0) + 0.05 * torch.randn(2000, 3, generator=g), dim=1)
+    found = normals_centroids(points, k=4, seed=1)
+    assert (found @ centres.T).max(1).values.min() > 0.99                  # every centre recovered
+    target = torch.stack([centres[2], centres[0], torch.zeros(3)], 1).view(1, 3, 1, 3)
+    labels = discretise('normals', target, normals_centroids=found).flatten().tolist()
+    assert labels[2] == 255 and found[labels[0]] @ centres[2] > 0.99 and found[labels[1]] @ centres[0] > 0.99
+
+
+def test_aux_loss_is_the_cross_entropy_of_the_discretised_target():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 40, 3, 4, generator=g)
+    depth = torch.rand(2, 1, 3, 4, generator=g) * 5
+    depth[0, 0, 0, 0] = 0                                                  # invalid: left out
+    labels = discretise('depth', depth, depth_range=(0.7, 10.0))
+    valid = labels != 255
+    expected = F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], labels[valid])
+    assert float(aux_loss('depth', logits, depth, depth_range=(0.7, 10.0))) == pytest.approx(float(expected))
+    edge = (torch.rand(2, 1, 3, 4, generator=g) > 0.7).float()
+    two = torch.randn(2, 2, 3, 4, generator=g)
+    p = -F.log_softmax(two, 1)
+    by_hand = (0.95 * p[:, 1][edge[:, 0] == 1].sum() + 0.05 * p[:, 0][edge[:, 0] == 0].sum()) / edge.numel()
+    assert float(aux_loss('edge', two, edge)) == pytest.approx(float(by_hand))
