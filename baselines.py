@@ -493,15 +493,22 @@ def two_conv_bn(cin, d, last):
     return nn.Sequential(conv_bn_relu(cin, d, 1), nn.Conv2d(d, d, 1, bias=False), nn.BatchNorm2d(d), last)
 
 
+def value_projection(channels, d, affine=True):
+    """v = Conv1x1-BN-ReLU; the BN has no affine parameters during the search (the authors' code)."""
+    v = conv_bn_relu(channels, d, 1)
+    v[1] = nn.BatchNorm2d(d, affine=affine)
+    return v
+
+
 class GlobalContext(nn.Module):
     """Global context: linear attention over all positions of the source with the dot-product kernel on
     Softplus features (no 1/sqrt(d): the authors' code), never an L x L tensor:
         out_i = sum_j v_j <k_j, q_i> / max(sum_j <k_j, q_i>, 1e-12)          q_i, k_j, v_j in R^d."""
 
-    def __init__(self, channels, d):
+    def __init__(self, channels, d, affine=True):
         super().__init__()
         self.query, self.key = two_conv_bn(channels, d, nn.Softplus()), two_conv_bn(channels, d, nn.Softplus())
-        self.value = conv_bn_relu(channels, d, 1)
+        self.value = value_projection(channels, d, affine)
 
     def forward(self, target, source, regions=None):
         B, _, h, w = target.shape
@@ -517,10 +524,10 @@ class LocalContext(nn.Module):
     softmax's denominator). Pure PyTorch via unfold: (B, d * 81, L) per map; the two contractions as
     einsums (batched matrix products, which FLOP counters see)."""
 
-    def __init__(self, channels, d):
+    def __init__(self, channels, d, affine=True):
         super().__init__()
         self.query, self.key = two_conv_bn(channels, d, nn.ReLU()), two_conv_bn(channels, d, nn.ReLU())
-        self.value = conv_bn_relu(channels, d, 1)
+        self.value = value_projection(channels, d, affine)
 
     def forward(self, target, source, regions=None):
         B, _, h, w = target.shape
@@ -536,10 +543,10 @@ class LabelContext(nn.Module):
     being the target's (T-label) or the source's (S-label) auxiliary prediction, softmaxed over positions:
         P = Â F_s^T (B, R, C), seen as a (B, C, R, 1) map;  out_i = sum_r softmax_r(<q_i, k_r> / sqrt(d)) v_r."""
 
-    def __init__(self, channels, d):
+    def __init__(self, channels, d, affine=True):
         super().__init__()
         self.query, self.key = two_conv_bn(channels, d, nn.ReLU()), two_conv_bn(channels, d, nn.ReLU())
-        self.value = conv_bn_relu(channels, d, 1)
+        self.value = value_projection(channels, d, affine)
 
     def forward(self, target, source, regions):
         B, _, h, w = target.shape
@@ -551,6 +558,49 @@ class LabelContext(nn.Module):
 
 
 CONTEXT_BLOCKS = {'global': GlobalContext, 'local': LocalContext, 'tlabel': LabelContext, 'slabel': LabelContext}
+FREEZE_MARGIN = 0.3          # the search fixes a block once its top two probabilities differ by this much
+
+
+class SearchedContext(nn.Module):
+    """One CP block during ATRC's architecture search (ATRC Sec. 3.3, the authors' code): the Gumbel-softmax
+    mixture sum_i w_i op_i of the candidate contexts, weights w = gumbel_softmax(logits, tau) over
+    ('none', 'global', 'local', 'tlabel'[, 'slabel']): 'none' adds nothing but takes its share. The diagonal
+    (target = source) offers no S-label: its regions are the T-label's. In training, once the top two of
+    softmax(logits) differ by >= FREEZE_MARGIN the block is fixed for good to the argmax (the `frozen`
+    one-hot buffer); at evaluation the argmax alone runs."""
+
+    def __init__(self, channels, d, diagonal):
+        super().__init__()
+        self.kinds = ATRC_CONTEXTS[:4] if diagonal else ATRC_CONTEXTS
+        self.ops = nn.ModuleList(CONTEXT_BLOCKS[k](channels, d, affine=False) for k in self.kinds[1:])
+        self.arch_logits = nn.Parameter(torch.zeros(len(self.kinds)))
+        self.register_buffer('frozen', torch.zeros(len(self.kinds)))
+        self.d = d
+
+    def choice(self):
+        """The context this block stands for now: the frozen one, else the argmax."""
+        return self.kinds[int((self.frozen if self.frozen.any() else self.arch_logits).argmax())]
+
+    def entropy(self):
+        log_p = self.arch_logits.log_softmax(0)
+        return -(log_p.exp() * log_p).sum()
+
+    def mixture(self, tau):
+        if self.training and not self.frozen.any():
+            top = self.arch_logits.detach().softmax(0).topk(2).values
+            if top[0] - top[1] >= FREEZE_MARGIN:
+                self.frozen[self.arch_logits.argmax()] = 1.0
+        if self.frozen.any() or not self.training:
+            return F.one_hot(torch.tensor(self.kinds.index(self.choice())), len(self.kinds)).to(self.frozen)
+        return F.gumbel_softmax(self.arch_logits, tau=tau, hard=False)
+
+    def forward(self, target, source, regions_t, regions_s, tau):
+        weights = self.mixture(tau)
+        out = target.new_zeros(target.shape[0], self.d, *target.shape[2:])
+        for w, kind, op in zip(weights[1:], self.kinds[1:], self.ops):
+            if w.requires_grad or w > 0:                                # a one-hot skips the others
+                out = out + w * op(target, source, regions_t if kind == 'tlabel' else regions_s)
+        return out
 
 
 class ATRCDistillation(nn.Module):
@@ -560,11 +610,17 @@ class ATRCDistillation(nn.Module):
     A row of 'none' keeps only F_t -> Conv1x1-BN-ReLU -> Dropout2d. forward(feats, regions): feats
     {task: (B, C, h, w)}, regions {task: Â (B, R, L)} for the tasks a label context reads."""
 
-    def __init__(self, tasks, genotype, channels, d, dropout=0.05):
+    def __init__(self, tasks, genotype, channels, d, dropout=0.05, search=False):
         super().__init__()
-        self.genotype = atrc_genotype(genotype, tasks)
-        self.blocks = nn.ModuleDict({t: nn.ModuleDict({s: CONTEXT_BLOCKS[c](channels, d) for s, c in row.items()
-                                                       if c != 'none'}) for t, row in self.genotype.items()})
+        self.search, self.tau = search, 1.0                 # tau: the search's Gumbel temperature (train.py)
+        if search:                                          # every pair a mixture; no dropout (their code)
+            self.genotype, dropout = None, 0.0
+            self.blocks = nn.ModuleDict({t: nn.ModuleDict({s: SearchedContext(channels, d, s == t) for s in tasks})
+                                         for t in tasks})
+        else:
+            self.genotype = atrc_genotype(genotype, tasks)
+            self.blocks = nn.ModuleDict({t: nn.ModuleDict({s: CONTEXT_BLOCKS[c](channels, d) for s, c in row.items()
+                                                           if c != 'none'}) for t, row in self.genotype.items()})
         self.project, self.bottleneck = nn.ModuleDict(), nn.ModuleDict()
         for t, blocks in self.blocks.items():
             if len(blocks):
@@ -576,17 +632,35 @@ class ATRCDistillation(nn.Module):
             self.bottleneck[t] = nn.Sequential(conv_bn_relu(cin, channels, 1), nn.Dropout2d(dropout))
 
     def region_tasks(self):
-        """The tasks whose auxiliary regions some label context reads."""
+        """The tasks whose auxiliary regions some label context reads (in the search: every task)."""
+        if self.search:
+            return set(self.blocks)
         return {t if c == 'tlabel' else s for t, row in self.genotype.items() for s, c in row.items()
                 if c in ('tlabel', 'slabel')}
+
+    def current_genotype(self):
+        """The genotype: fixed, or what the search stands for now (frozen blocks, else each argmax)."""
+        if not self.search:
+            return self.genotype
+        return {t: {s: block.choice() for s, block in row.items()} for t, row in self.blocks.items()}
+
+    def entropy(self):
+        """The search's entropy term: the mean entropy of the blocks' softmax(logits)."""
+        return torch.stack([b.entropy() for row in self.blocks.values() for b in row.values()]).mean()
+
+    def context(self, t, s, feats, regions):
+        """CP_ts(F_t, F_s): (B, d, h, w)."""
+        block = self.blocks[t][s]
+        if self.search:
+            return block(feats[t], feats[s], regions[t], regions[s], self.tau)
+        return block(feats[t], feats[s], regions.get(t if self.genotype[t][s] == 'tlabel' else s))
 
     def forward(self, feats, regions):
         out = {}
         for t, blocks in self.blocks.items():
             x = feats[t]
             if len(blocks):
-                context = [block(x, feats[s], regions.get(t if self.genotype[t][s] == 'tlabel' else s))
-                           for s, block in blocks.items()]
-                x = torch.cat([x, self.project[t](torch.cat(context, 1))], 1)
+                context = torch.cat([self.context(t, s, feats, regions) for s in blocks], 1)
+                x = torch.cat([x, self.project[t](context)], 1)
             out[t] = self.bottleneck[t](x)
         return out

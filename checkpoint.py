@@ -18,7 +18,8 @@ import torch
 from config import UserError
 from metrics import STL_REFERENCE, TASK_METRIC
 
-RUN_FILES = re.compile(r'(config\.json|log\.jsonl|results\.json|ckpt\.pt|best\.pt|curves\.png|vis_epoch\d+\.png)$')
+RUN_FILES = re.compile(r'(config\.json|log\.jsonl|results\.json|ckpt\.pt|best\.pt|curves\.png|genotype\.json'
+                       r'|vis_epoch\d+\.png)$')
 
 
 def json_safe(x):

@@ -22,6 +22,8 @@ Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
                  -> CTALDistillation -> per task final head(128)   (EMA-Net Sec. 3.4, Fig. 3)
   atrc     HRNet -> upsample + concat (270 @ 1/4) -> per task F_t (67) -> ATRCDistillation (+ auxiliary
                  heads on the detached concat for the label contexts) -> Conv1x1 -> upsample   (ATRC Sec. 3)
+  atrc_ms  HRNet -> MTINetFrontEnd -> per task Fuse of its 4 maps (270 @ 1/4) -> F_t -> ATRC as atrc
+                 (ATRC Tab. 2 "ATRC + FPM"; deep supervision on the 4 per-scale predictions, as mtinet)
   tif      HRNet -> baselines.TIFDecoder (shared SAFF per scale; per task SFD at 1/16, 1/32 and LTHD at
                  1/4, 1/8; head over the 4 scales) -> upsample   (TIF paper Sec. 3, no cross-task module)
 
@@ -61,10 +63,10 @@ from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ATRCDistillation, ConcatDi
                        spatial_softmax)
 from ctal import CTAL
 
-MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif', 'atrc')
+MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif', 'atrc', 'atrc_ms')
 BACKBONES = ('hrnet18', 'swinv2_s')
 # the papers run only these on the transformer backbone (CTAL paper Sec. 3.3, Tabs. 2-3)
-SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif')
+SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif', 'atrc')
 
 HRNET_CHANNELS = (18, 36, 72, 144)      # branch outputs at 1/4, 1/8, 1/16, 1/32
 SWIN_CHANNELS = 768                     # last stage, 1/32
@@ -562,16 +564,30 @@ class ATRC(MultiTaskModel):
     auxiliary predictions: per task that needs one, Conv1x1-BN-ReLU (270 -> 270) -> Conv1x1 -> R_t regions
     on the DETACHED concatenation (their code: the auxiliary losses do not train the backbone), returned
     upsampled in out['aux'] and trained on discretised targets (metrics.aux_loss). The depth bins and
-    normals clusters they are discretised by are buffers (`label_spaces`), so a checkpoint carries them."""
+    normals clusters they are discretised by are buffers (`label_spaces`), so a checkpoint carries them.
+    search=True: the architecture search's network (every pair a SearchedContext, every task an auxiliary
+    head); `distill.current_genotype()` is what it has found.
 
-    def __init__(self, tasks, img_size, pretrained=None, genotype=None):
+    fpm=True is `atrc_ms` (ATRC paper Tab. 2, "ATRC + FPM"; their code has none, the reading is ours): MTI-Net's
+    front end (per-scale heads + FPMs, deep supervision in out['initial'] as mtinet), each task's 4 maps
+    fused at 1/4 (Fuse, 270 channels, as ctal_ms), then F_t and ATRC as above.
+    backbone='swinv2_s' (our reading; the paper has no transformer): ATRC on Swin-V2-S's 768 @ 1/32, the
+    grid this project's other models distil on with that backbone: F_t 768 -> 192, d = 96, the auxiliary
+    heads on the detached 768 channels.
+    """
+
+    def __init__(self, tasks, img_size, pretrained=None, genotype=None, search=False, backbone='hrnet18',
+                 fpm=False, fpm_softmax='code'):
         super().__init__(tasks, img_size)
-        self.backbone = HRNetBackbone(pretrained)
-        c = sum(HRNET_CHANNELS)
-        width = c // 4                                                  # 67, and d = 33 in the blocks
+        swin = backbone == 'swinv2_s'
+        self.backbone = SwinBackbone(pretrained) if swin else HRNetBackbone(pretrained)
+        c = SWIN_CHANNELS if swin else sum(HRNET_CHANNELS)
+        width = c // 4                                                  # HRNet: 67, and d = 33 in the blocks
+        self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS, fpm_softmax) if fpm else None
+        self.fuse = nn.ModuleDict({t: Fuse(HRNET_CHANNELS) for t in self.tasks}) if fpm else None
         self.features = nn.ModuleDict({t: conv_bn_relu(c, width, 3) for t in self.tasks})
-        self.distill = ATRCDistillation(self.tasks, genotype or default_atrc_genotype(self.tasks), width,
-                                        width // 2)
+        genotype = None if search else genotype or default_atrc_genotype(self.tasks)
+        self.distill = ATRCDistillation(self.tasks, genotype, width, width // 2, search=search)
         self.aux_heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(c, c, 1), nn.Conv2d(c, ATRC_REGIONS.get(t, k), 1))
                                         for t, k in self.tasks.items() if t in self.distill.region_tasks()})
         self.logits = nn.ModuleDict({t: nn.Conv2d(width, k, 1) for t, k in self.tasks.items()})
@@ -588,12 +604,17 @@ class ATRC(MultiTaskModel):
     def forward(self, x):
         self.check_input(x)
         xs = self.backbone(x)
-        shared = torch.cat([xs[0]] + [resize(f, xs[0].shape[-2:]) for f in xs[1:]], 1)   # (B, 270, H/4, W/4)
+        shared = xs if torch.is_tensor(xs) else torch.cat([xs[0]] + [resize(f, xs[0].shape[-2:]) for f in xs[1:]], 1)
+        inputs, initial = {t: shared for t in self.tasks}, {}          # (B, 270, H/4, W/4) or (B, 768, H/32, W/32)
+        if self.front is not None:
+            feats, preds = self.front(xs)
+            inputs = {t: self.fuse[t]([f[t] for f in feats]) for t in self.tasks}
+            initial = {t: [resize(p[t], self.img_size) for p in preds] for t in self.tasks}
         aux = {t: head(shared.detach()) for t, head in self.aux_heads.items()}
-        refined = self.distill({t: f(shared) for t, f in self.features.items()},
+        refined = self.distill({t: f(inputs[t]) for t, f in self.features.items()},
                                {t: spatial_softmax(a) for t, a in aux.items()})
         out = {t: resize(self.logits[t](refined[t]), self.img_size) for t in self.tasks}
-        out['initial'] = {}
+        out['initial'] = initial
         out['aux'] = {t: resize(a, self.img_size) for t, a in aux.items()}
         return out
 
@@ -661,7 +682,7 @@ def check_arguments(name, tasks, img_size, backbone, pap_iters, pap_affinity, fp
 
 def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.05, ctal_impl='auto',
                 ctal_fusion='shared', pretrained=None, pap_iters=1, pap_affinity='code', fpm_softmax='code',
-                hrnet_bn_momentum=HRNET_BN_MOMENTUM, genotype=None):
+                hrnet_bn_momentum=HRNET_BN_MOMENTUM, genotype=None, atrc_search=False):
     """Build model `name` for `tasks` (dict task -> output channels, in canonical order) at img_size (H, W).
 
     scale: CTAL's distillation scale (ctal_ss/ctal_ms on HRNet; see `distillation_size`); gamma,
@@ -675,6 +696,7 @@ def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.
     fast the running statistics follow training, not the function; runs of a few hundred steps need
     a larger one (0.1, timm's) for their eval-mode statistics to catch up.
     genotype: atrc's {target: {source: context}} (baselines.atrc_genotype); None = the authors' searched one.
+    atrc_search: atrc as the architecture search's network instead (genotype is then ignored).
     Arguments a model does not use are ignored.
     """
     img_size = tuple(img_size)
@@ -682,14 +704,14 @@ def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.
     if not 0 < hrnet_bn_momentum <= 1:
         raise ValueError(f"hrnet_bn_momentum must be in (0, 1], got {hrnet_bn_momentum!r}")
     model = build_architecture(name, dict(tasks), img_size, backbone, scale, gamma, ctal_impl, ctal_fusion,
-                               pretrained, pap_iters, pap_affinity, fpm_softmax, genotype)
+                               pretrained, pap_iters, pap_affinity, fpm_softmax, genotype, atrc_search)
     for backbone_module in [m for m in model.modules() if isinstance(m, HRNetBackbone)]:
         set_bn_momentum(backbone_module, hrnet_bn_momentum)
     return model
 
 
 def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl, ctal_fusion, pretrained,
-                       pap_iters, pap_affinity, fpm_softmax, genotype):
+                       pap_iters, pap_affinity, fpm_softmax, genotype, atrc_search):
     """The model `name` with checked arguments (see build_model)."""
     if name == 'stl':
         return SingleTask(tasks, img_size, backbone, pretrained)
@@ -697,8 +719,8 @@ def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl,
         return HardSharing(tasks, img_size, backbone, pretrained)
     if name == 'tif':
         return TIF(tasks, img_size, backbone, pretrained)
-    if name == 'atrc':
-        return ATRC(tasks, img_size, pretrained, genotype)
+    if name in ('atrc', 'atrc_ms'):
+        return ATRC(tasks, img_size, pretrained, genotype, atrc_search, backbone, name == 'atrc_ms', fpm_softmax)
     if name == 'mtinet':
         return MTINet(tasks, img_size, pretrained, fpm_softmax)
     if name == 'ctal_ms':

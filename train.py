@@ -67,6 +67,7 @@ pap_iters = 1                 # PAP-Net propagation iterations
 pap_affinity = 'code'         # PAP-Net affinity: code (the CTAL authors') | paper (PAP-Net's text)
 fpm_softmax = 'code'          # MTI-Net FPM mask: code (MTI-Net's code) | paper (MTI-Net Sec. 2.4)
 genotype = None               # atrc: JSON file {target: {source: context}}; None = the authors' searched one
+atrc_search = False           # atrc: the architecture search (ATRC Sec. 3.3) -> out_dir/genotype.json
 hrnet_bn_momentum = 0.01      # the authors' HRNet BN momentum; runs of a few hundred steps need 0.1
 pretrained = None             # local ImageNet backbone checkpoint (timm / torchvision); None = random
 init_from = None              # fine-tune from / evaluate this project's ckpt.pt or best.pt
@@ -110,6 +111,10 @@ AT_LEAST = {'epochs': 1, 'batch_size': 1, 'eval_interval': 1, 'log_interval': 1,
 # what a resumed run may change; any other difference from the checkpoint's config is refused
 RESUMABLE_CHANGES = ('data_root', 'out_dir', 'resume', 'eval_only', 'epochs', 'eval_interval', 'log_interval',
                      'vis_images', 'stl_results', 'device', 'num_workers', 'bf16', 'ctal_impl', 'compile')
+
+
+# ATRC's search (the authors' code): the architecture logits' own Adam, the temperature and the entropy weight
+SEARCH = {'arch_lr': 5e-4, 'tau': (1.0, 0.05), 'entropy': (-0.02, 0.06)}
 
 
 class NonFiniteLoss(UserError):
@@ -338,7 +343,10 @@ class Run:
                 net, device_ids=[device.index] if device.type == 'cuda' else None)
         if cfg['compile']:                  # training steps only; evaluation runs the eager net (same weights)
             self.model = torch.compile(self.model)
-        self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+        arch = [p for n, p in net.named_parameters() if n.endswith('arch_logits')]     # atrc_search only
+        weights = [p for n, p in net.named_parameters() if not n.endswith('arch_logits')]
+        self.optimizer = torch.optim.Adam(weights, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+        self.arch_optimizer = torch.optim.Adam(arch, lr=SEARCH['arch_lr'], weight_decay=0) if arch else None
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.reference, self.reference_source = load_reference(cfg)
         self.progress = {'epoch': 0, 'batches_done': 0, 'step': 0, 'best': None, 'last': None, 'seconds': 0.0,
@@ -367,6 +375,8 @@ class Run:
     def restore(self, ckpt):
         self.net.load_state_dict(ckpt['model'])
         self.optimizer.load_state_dict(ckpt['optimizer'])
+        if self.arch_optimizer:
+            self.arch_optimizer.load_state_dict(ckpt['arch_optimizer'])
         self.scheduler.load_state_dict(ckpt['scheduler'])
         self.progress = ckpt['progress']
         self.timing['before'] = self.progress['seconds']
@@ -382,13 +392,25 @@ class Run:
             save_checkpoint(self.path('ckpt.pt'), {
                 'model': self.net.state_dict(), 'optimizer': self.optimizer.state_dict(),
                 'scheduler': self.scheduler.state_dict(), 'progress': self.progress, 'rng': rng_state(self.device),
-                'config': self.cfg, 'input_size': list(self.val_set.size)})
+                'config': self.cfg, 'input_size': list(self.val_set.size),
+                'arch_optimizer': self.arch_optimizer.state_dict() if self.arch_optimizer else None})
         barrier()
+
+
+def search_schedule(step, total):
+    """ATRC's search at global step `step` of `total`: (Gumbel temperature, weight of the entropy term),
+    both linear over the run: 1.0 -> 0.05 and -0.02 (spread the choice) -> +0.06 (commit to one)."""
+    f = step / total
+    return (SEARCH['tau'][0] + f * (SEARCH['tau'][1] - SEARCH['tau'][0]),
+            SEARCH['entropy'][0] + f * (SEARCH['entropy'][1] - SEARCH['entropy'][0]))
 
 
 def train_step(run, batch):
     """One optimiser step; the per-task losses averaged over ranks (floats)."""
     cfg = run.cfg
+    if run.arch_optimizer:                      # the ATRC search: this step's temperature and entropy weight
+        run.net.distill.tau, entropy_weight = search_schedule(run.progress['step'],
+                                                              run.steps_per_epoch * cfg['epochs'])
     with autocast(cfg, run.device):
         out = run.model(batch['image'])
     spaces = run.net.label_spaces() if isinstance(run.net, ATRC) else None
@@ -402,11 +424,17 @@ def train_step(run, batch):
                 if os.path.exists(run.path('ckpt.pt')) else "No checkpoint had been written yet.")
         raise NonFiniteLoss(f"the {bad[0]} loss is {values[bad[0]]} at epoch {p['epoch']}, step {p['batches_done']} "
                             f"(global step {p['step']}); stopping. {kept}")
+    loss = sum(cfg['loss_weights'][t] * losses[t] for t in cfg['tasks'])
+    if run.arch_optimizer:
+        loss = loss + entropy_weight * run.net.distill.entropy()
+        run.arch_optimizer.zero_grad(set_to_none=True)
     run.optimizer.zero_grad(set_to_none=True)
-    sum(cfg['loss_weights'][t] * losses[t] for t in cfg['tasks']).backward()
+    loss.backward()
     if cfg['grad_clip'] > 0:
         nn.utils.clip_grad_norm_(run.net.parameters(), cfg['grad_clip'])
     run.optimizer.step()
+    if run.arch_optimizer:
+        run.arch_optimizer.step()
     return values
 
 
@@ -479,6 +507,8 @@ def evaluate_run(run, epoch):
         save_val_grid(run.path(f'vis_epoch{epoch:03d}.png'), run.net, run.val_set, run.cfg['tasks'],
                       run.cfg['vis_images'], autocast(run.cfg, run.device))
         save_curves(run.path('log.jsonl'), run.cfg['tasks'], run.path('curves.png'))
+        if run.arch_optimizer:                  # what the search has found so far: --genotype= retrains it
+            write_json(run.path('genotype.json'), run.net.distill.current_genotype())
     run.timing['evals'] += 1
     run.timing['eval_s'] += time.time() - t0
     run.say(f"eval epoch {epoch}: val loss {record['val_loss']:.4f}, delta_m {format_delta(record['delta_m'])} "
@@ -516,7 +546,8 @@ def build_net(cfg, size, device):
                       backbone=cfg['backbone'], scale=cfg['scale'], gamma=cfg['gamma'], ctal_impl=cfg['ctal_impl'],
                       ctal_fusion=cfg['ctal_fusion'], pretrained=cfg['pretrained'], pap_iters=cfg['pap_iters'],
                       pap_affinity=cfg['pap_affinity'], fpm_softmax=cfg['fpm_softmax'],
-                      hrnet_bn_momentum=cfg['hrnet_bn_momentum'], genotype=cfg['genotype'])
+                      hrnet_bn_momentum=cfg['hrnet_bn_momentum'], genotype=cfg['genotype'],
+                      atrc_search=cfg['atrc_search'])
     return net.to(device)
 
 

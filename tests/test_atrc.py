@@ -3,6 +3,7 @@ each context block against its definition in float64 (the explicit normalised ke
 position window loop with the zero-logit border, explicit prototypes), ATRC adding nothing at
 initialisation, the genotype format, and the auxiliary losses on discretised targets."""
 import math
+import os
 
 import pytest
 import torch
@@ -203,3 +204,119 @@ def test_aux_loss_is_the_cross_entropy_of_the_discretised_target():
     p = -F.log_softmax(two, 1)
     by_hand = (0.95 * p[:, 1][edge[:, 0] == 1].sum() + 0.05 * p[:, 0][edge[:, 0] == 0].sum()) / edge.numel()
     assert float(aux_loss('edge', two, edge)) == pytest.approx(float(by_hand))
+
+
+def test_global_context_never_forms_an_l_by_l_tensor():
+    """NYUv2 at 1/4 (72 x 96: L = 6,912), batch 8: nothing autograd keeps has L x L entries (one image's
+    would be 191 MB), and the peak memory of a forward+backward stays far below one L x L batch tensor
+    (1,458 MB; measured: about 300 MB). For comparison the local context peaks near 1.8 GB there (81
+    window copies of its 33-channel maps)."""
+    from profile import measure
+    torch.manual_seed(0)
+    block = GlobalContext(67, 33)
+    target, source = (torch.randn(8, 67, 72, 96, requires_grad=True) for _ in range(2))
+    L = 72 * 96
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        block(target, source)
+    assert max(saved) < L * L
+    seconds, peak = measure(lambda: block(target, source).square().mean().backward(), 'cpu', 1)
+    assert peak < 8 * L * L * 4 / 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# the architecture search
+
+def test_search_schedules_at_start_middle_and_end():
+    from train import search_schedule
+    assert search_schedule(0, 1000) == (1.0, -0.02)
+    tau, weight = search_schedule(500, 1000)
+    assert tau == pytest.approx(0.525) and weight == pytest.approx(0.02)
+    tau, weight = search_schedule(1000, 1000)
+    assert tau == pytest.approx(0.05) and weight == pytest.approx(0.06)
+    assert search_schedule(250, 1000)[1] == pytest.approx(0.0)             # negative for the first quarter
+
+
+def test_search_blocks_offer_their_candidates_freeze_at_the_margin_and_take_the_argmax_at_eval():
+    from baselines import SearchedContext
+    torch.manual_seed(0)
+    diagonal, pair = SearchedContext(6, 4, diagonal=True), SearchedContext(6, 4, diagonal=False)
+    assert diagonal.kinds == ('none', 'global', 'local', 'tlabel') and len(pair.arch_logits) == 5
+    t, s, r = torch.randn(2, 6, 3, 4), torch.randn(2, 6, 3, 4), torch.rand(2, 3, 12).softmax(-1)
+    w = pair.mixture(tau=1.0)
+    assert w.sum().item() == pytest.approx(1.0) and (w > 0).all() and not pair.frozen.any()    # sampled
+    with torch.no_grad():
+        pair.arch_logits.copy_(torch.tensor([0.0, 0.0, 1.2, 0.0, 0.0]))   # softmax: top two 0.454 / 0.137
+    pair.eval()
+    assert pair.mixture(1.0).tolist() == [0, 0, 1, 0, 0] and not pair.frozen.any()      # eval: argmax only
+    assert pair.choice() == 'local'
+    pair.train()
+    pair.mixture(1.0)
+    assert pair.frozen.tolist() == [0, 0, 1, 0, 0]                         # margin >= 0.3: frozen for good
+    with torch.no_grad():
+        pair.arch_logits.copy_(torch.tensor([5.0, 0, 0, 0, 0]))
+    assert pair.choice() == 'local' and pair.mixture(1.0).tolist() == [0, 0, 1, 0, 0]
+    expected = pair.ops[1](t, s, r)
+    torch.testing.assert_close(pair(t, s, r, r, tau=1.0), expected)       # the frozen op alone
+    with torch.no_grad():
+        diagonal.arch_logits.copy_(torch.tensor([0.0, 0.0, 0.0, 0.9]))      # 0.451 / 0.183: not yet
+    diagonal.mixture(1.0)
+    assert not diagonal.frozen.any()
+
+
+def test_search_finds_a_genotype_that_the_fixed_model_retrains(tmp_path):
+    """A short search on synthetic rooms reduces the loss and writes genotype.json after each evaluation;
+    --genotype=that file builds the fixed model of that genotype."""
+    import json
+    import train
+    from synthetic import make_synthetic
+    root = make_synthetic(str(tmp_path / 'data'), 8, 4, (32, 64), seed=0)
+    out = str(tmp_path / 'search')
+    args = [f'--data_root={root}', '--n_train=8', '--n_val=4', '--synthetic_size=32x64', '--batch_size=8',
+            '--vis_images=0', '--log_interval=1', '--lr=1e-3', '--model=atrc', '--atrc_search=True',
+            '--grad_clip=10', '--scheduler=none', '--augment=False']
+    assert train.main(args + [f'--out_dir={out}', '--epochs=6', '--eval_interval=3']) == 0
+    losses = [json.loads(line)['loss'] for line in open(os.path.join(out, 'log.jsonl')) if '"train"' in line]
+    assert losses[-1] < 0.8 * losses[0], losses
+    with open(os.path.join(out, 'genotype.json')) as f:
+        genotype = json.load(f)
+    assert set(genotype) == {'semseg', 'depth', 'normals'} and genotype['depth']['depth'] != 'slabel'
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    assert ckpt['arch_optimizer'] is not None
+    fixed = str(tmp_path / 'fixed')
+    assert train.main(args[:-5] + ['--model=atrc', f'--genotype={out}/genotype.json', f'--out_dir={fixed}',
+                                   '--epochs=1']) == 0
+    with open(os.path.join(fixed, 'config.json')) as f:
+        assert json.load(f)['genotype'] == genotype
+
+
+def test_a_search_resumes_exactly(tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch, then --resume=True: the losses, the temperature schedule, the frozen blocks and the
+    architecture optimiser continue as if uninterrupted (exact equality on CPU)."""
+    import json
+    import signal
+    import train
+    from synthetic import make_synthetic
+    root = make_synthetic(str(tmp_path / 'data'), 8, 4, (32, 64), seed=0)
+    args = [f'--data_root={root}', '--n_train=8', '--n_val=4', '--synthetic_size=32x64', '--batch_size=2',
+            '--vis_images=0', '--log_interval=1', '--lr=1e-3', '--model=atrc', '--atrc_search=True',
+            '--epochs=2', '--max_iters=3']
+    whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
+    assert train.main(args + [f'--out_dir={whole}']) == 0
+    compute, calls = train.compute_losses, {'n': 0}
+
+    def ctrl_c_in_step_4(*a):
+        calls['n'] += 1
+        if calls['n'] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return compute(*a)
+    monkeypatch.setattr(train, 'compute_losses', ctrl_c_in_step_4)
+    assert train.main(args + [f'--out_dir={parts}']) == 130
+    monkeypatch.setattr(train, 'compute_losses', compute)
+    assert train.main(args + [f'--out_dir={parts}', '--resume=True']) == 0
+    read = lambda out: [(r['step'], r['loss']) for r in map(json.loads, open(os.path.join(out, 'log.jsonl')))
+                        if r['type'] == 'train']
+    assert read(parts) == read(whole)
+    final = [torch.load(os.path.join(d, 'ckpt.pt'), weights_only=False)['model'] for d in (whole, parts)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])    # arch logits and frozen buffers too
+    assert open(os.path.join(parts, 'genotype.json')).read() == open(os.path.join(whole, 'genotype.json')).read()

@@ -140,6 +140,7 @@ def expected_counts(tasks, size, denominator=4):
         'ctal_ms': front + ctal + sum(fuse + conv(270, 128) + conv_out + final(128, k) for k in Ks),
         'tif': hrnet + tif_decoder(tasks, ch, 58),
         'atrc': hrnet + atrc_head(tasks, {t: {s: ATRC_NYUD[t][s] for s in tasks} for t in tasks}),
+        'atrc_ms': front + T * fuse + atrc_head(tasks, {t: {s: ATRC_NYUD[t][s] for s in tasks} for t in tasks}),
     }
 
 
@@ -273,7 +274,7 @@ def run_and_check(model, tasks, size, batch=1, device='cpu'):
 def check_initial_structure(name, out, tasks):
     if name in ('stl', 'mtl', 'tif', 'atrc'):           # tif, atrc: the papers have no deep supervision
         assert out['initial'] == {}
-    elif name in ('mtinet', 'ctal_ms'):
+    elif name in ('mtinet', 'ctal_ms', 'atrc_ms'):
         assert set(out['initial']) == set(tasks)
         assert all(isinstance(v, list) and len(v) == 4 for v in out['initial'].values())
     else:

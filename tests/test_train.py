@@ -123,15 +123,18 @@ def test_every_config_follows_the_recipe():
     for name in sorted(found):
         cfg = train.parse_config([os.path.join(ROOT, 'configs', name + '.py')])
         dataset, model = name.split('_', 1)
-        assert (cfg['dataset'], cfg['model']) == (dataset, model), name
+        search = model.endswith('_search')                           # ATRC's architecture search
+        model = model.removesuffix('_search')
+        assert (cfg['dataset'], cfg['model'], cfg['atrc_search']) == (dataset, model, search), name
         if dataset == 'synthetic':
             continue
         lr, wd, epochs, clip, backbone = recipe[dataset]
+        clip = 10.0 if search else clip                               # the authors' search configs clip
         backbone = 'hrnet18' if model == 'atrc' else backbone         # ATRC's PASCAL-Context backbone (its Tab. 4)
         assert (cfg['lr'], cfg['weight_decay'], cfg['epochs'], cfg['grad_clip'], cfg['backbone']) == \
             (lr, wd, epochs, clip, backbone), name
         assert cfg['batch_size'] == 8 and cfg['gamma'] == 0.05 and cfg['pretrained'] is None, name
-        ms = dataset == 'cityscapes' and model in ('mtinet', 'ctal_ms')
+        ms = dataset == 'cityscapes' and model in ('mtinet', 'ctal_ms', 'atrc_ms')
         assert cfg['scheduler'] == ('cosine_restarts' if ms else 'cosine'), name
         assert cfg['restart_period'] is None and cfg['restart_mult'] == 2, name
         assert cfg['normals_loss'] == ('l1' if dataset == 'pascal' else 'cosine'), name

@@ -1,0 +1,16 @@
+# ATRC + FPM (ATRC paper Tab. 2): MTI-Net's front end, then ATRC with the authors' searched HRNet-18 genotype.
+# Its paper trains with SGD for 40k iterations; this config keeps the recipe every other model here trains with.
+# NYUv2 (MTAN .npy, 288x384, 795 train / 654 val), HRNet-18,
+# the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
+dataset = 'nyuv2'
+data_root = 'data/nyuv2'
+model = 'atrc_ms'
+backbone = 'hrnet18'
+pretrained = None    # the papers start from ImageNet weights: --pretrained=PATH/TO/hrnet_w18_small_v2.pth
+epochs = 200
+batch_size = 8
+lr = 1e-4
+weight_decay = 1e-4
+scheduler = 'cosine'
+loss_weights = {'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}
+num_workers = 4
