@@ -458,14 +458,19 @@ class TIFDecoder(nn.Module):
 # code github.com/brdav/atrc): one context-pooling (CP) block per (target, source) pair of tasks
 
 ATRC_CONTEXTS = ('none', 'global', 'local', 'tlabel', 'slabel')    # the ids 0..4 of the authors' genotypes
+AUTHORS_TASK_NAMES = {'sal': 'saliency'}                          # their task names that differ from ours
 LOCAL_WINDOW = 9
 
 
 def atrc_genotype(genotype, tasks):
-    """{target: {source: context}} for every pair of `tasks`; context a name of ATRC_CONTEXTS or its id
-    (the authors' genotype files hold ids, rows = target). 'slabel' on the diagonal is 'tlabel' (the
-    same regions), so the search never offers it there; a given one is kept."""
+    """{target: {source: context}} for every pair of `tasks`; context a name of ATRC_CONTEXTS or its id.
+    The authors' files load as they are: {"data": {target: {source: id}}, "step": ...}, rows = target,
+    saliency named 'sal'. 'slabel' on the diagonal is 'tlabel' (the same regions), so the search never
+    offers it there; a given one is kept."""
     names = list(tasks)
+    if isinstance(genotype, dict) and isinstance(genotype.get('data'), dict):
+        rename = lambda d: {AUTHORS_TASK_NAMES.get(k, k): v for k, v in d.items()}
+        genotype = {t: rename(row) if isinstance(row, dict) else row for t, row in rename(genotype['data']).items()}
     if not isinstance(genotype, dict) or set(genotype) != set(names) or any(
             not isinstance(row, dict) or set(row) != set(names) for row in genotype.values()):
         raise ValueError(f"ATRC genotype: expected {{target: {{source: context}}}} over the tasks {names} (every "

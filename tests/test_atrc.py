@@ -49,6 +49,7 @@ def test_parameter_counts_are_the_papers():
     assert n_params(build_model('atrc', NYUD, (425, 560), genotype=everywhere('local'))) == 4_734_172
     assert n_params(atrc.backbone) + n_params(atrc.features) + n_params(atrc.logits) == 4_515_556
     # PASCAL-Context: the authors' 5,383,142 has a 2-channel saliency output; ours has 1 (67 + 1 weights fewer)
+    assert n_params(build_model('atrc', dict(PASCAL, saliency=2), (512, 512))) == 5_383_142
     assert n_params(build_model('atrc', PASCAL, (512, 512))) == 5_383_142 - 68
 
 
@@ -156,6 +157,16 @@ def test_genotype_rows_are_targets_and_the_authors_ids_load():
     assert distill.region_tasks() == {'depth'}       # semseg <- S-label of depth; depth <- its own T-label
     model = build_model('atrc', tasks, (64, 64), genotype=ids)
     assert set(model.aux_heads) == {'depth'}
+
+
+def test_the_authors_genotype_files_load_as_they_are():
+    """Their atrc_pascal_hrnet18.json layout ({"data": ..., "step": 40000}, ids, 'sal'): the PASCAL genotype."""
+    from model import ATRC_PASCAL
+    ids = {'semseg': [3, 3, 4, 0, 4], 'human_parts': [3, 3, 4, 3, 4], 'sal': [3, 3, 3, 4, 3],
+           'normals': [3, 3, 3, 3, 4], 'edge': [3, 3, 3, 1, 3]}                   # their file, rows = target
+    order = ['semseg', 'human_parts', 'sal', 'normals', 'edge']
+    file = {'data': {t: dict(zip(order, row)) for t, row in ids.items()}, 'step': 40000}
+    assert atrc_genotype(file, PASCAL) == ATRC_PASCAL
 
 
 @pytest.mark.parametrize('genotype,message', [
@@ -320,3 +331,25 @@ def test_a_search_resumes_exactly(tmp_path, monkeypatch):
     final = [torch.load(os.path.join(d, 'ckpt.pt'), weights_only=False)['model'] for d in (whole, parts)]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])    # arch logits and frozen buffers too
     assert open(os.path.join(parts, 'genotype.json')).read() == open(os.path.join(whole, 'genotype.json')).read()
+
+
+def test_pascal_config_trains_atrc_on_hrnet_with_every_auxiliary_loss(tmp_path):
+    """configs/pascal_atrc.py (HRNet-18, the authors' PASCAL genotype: all five tasks' auxiliary heads,
+    saliency and edge as 2-class regions) trains and evaluates on the PASCAL_MT fixture."""
+    import json
+    import numpy as np
+    import train
+    from conftest import write_pascal_sample
+    root = str(tmp_path / 'PASCAL_MT')
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_pascal_sample(root, f'2008_00000{i}', (40, 48), rng, person=i == 0)
+    write_pascal_sample(root, '2009_000000', (48, 40), rng, split='val')
+    out = tmp_path / 'out'
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'pascal_atrc.py')
+    assert train.main([config, f'--data_root={root}', f'--out_dir={out}', '--img_size=(64, 64)', '--epochs=1',
+                       '--batch_size=2', '--num_workers=0', '--vis_images=0', '--log_interval=1']) == 0
+    with open(out / 'results.json') as f:
+        res = json.load(f)
+    assert tuple(res['final']['metrics']) == tuple(PASCAL) and res['config']['backbone'] == 'hrnet18'
+    assert sorted(os.listdir(root)).count('json') == 1 and any(f.startswith('atrc_label_spaces') for f in os.listdir(root))
