@@ -566,7 +566,7 @@ class ATRC(MultiTaskModel):
     upsampled in out['aux'] and trained on discretised targets (metrics.aux_loss). The depth bins and
     normals clusters they are discretised by are buffers (`label_spaces`), so a checkpoint carries them.
     search=True: the architecture search's network (every pair a SearchedContext, every task an auxiliary
-    head); `distill.current_genotype()` is what it has found.
+    head), out['entropy'] its entropy term; `distill.current_genotype()` is what it has found.
 
     fpm=True is `atrc_ms` (ATRC paper Tab. 2, "ATRC + FPM"; their code has none, the reading is ours): MTI-Net's
     front end (per-scale heads + FPMs, deep supervision in out['initial'] as mtinet), each task's 4 maps
@@ -616,6 +616,8 @@ class ATRC(MultiTaskModel):
         out = {t: resize(self.logits[t](refined[t]), self.img_size) for t in self.tasks}
         out['initial'] = initial
         out['aux'] = {t: resize(a, self.img_size) for t, a in aux.items()}
+        if self.distill.search:                 # inside forward, so that DDP sees every use of the logits
+            out['entropy'] = self.distill.entropy()
         return out
 
 

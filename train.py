@@ -340,7 +340,8 @@ class Run:
         if world > 1:
             net = convert_sync_batchnorm(net, device).to(device) if cfg['sync_bn'] else net
             self.net, self.model = net, nn.parallel.DistributedDataParallel(
-                net, device_ids=[device.index] if device.type == 'cuda' else None)
+                net, device_ids=[device.index] if device.type == 'cuda' else None,
+                find_unused_parameters=cfg['atrc_search'])     # a frozen search block skips its other contexts
         if cfg['compile']:                  # training steps only; evaluation runs the eager net (same weights)
             self.model = torch.compile(self.model)
         arch = [p for n, p in net.named_parameters() if n.endswith('arch_logits')]     # atrc_search only
@@ -426,7 +427,7 @@ def train_step(run, batch):
                             f"(global step {p['step']}); stopping. {kept}")
     loss = sum(cfg['loss_weights'][t] * losses[t] for t in cfg['tasks'])
     if run.arch_optimizer:
-        loss = loss + entropy_weight * run.net.distill.entropy()
+        loss = loss + entropy_weight * out['entropy']
         run.arch_optimizer.zero_grad(set_to_none=True)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()

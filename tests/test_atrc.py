@@ -2,6 +2,7 @@
 each context block against its definition in float64 (the explicit normalised kernel matrix, a position-by-
 position window loop with the zero-logit border, explicit prototypes), ATRC adding nothing at
 initialisation, the genotype format, and the auxiliary losses on discretised targets."""
+import json
 import math
 import os
 
@@ -278,7 +279,6 @@ def test_search_blocks_offer_their_candidates_freeze_at_the_margin_and_take_the_
 def test_search_finds_a_genotype_that_the_fixed_model_retrains(tmp_path):
     """A short search on synthetic rooms reduces the loss and writes genotype.json after each evaluation;
     --genotype=that file builds the fixed model of that genotype."""
-    import json
     import train
     from synthetic import make_synthetic
     root = make_synthetic(str(tmp_path / 'data'), 8, 4, (32, 64), seed=0)
@@ -304,7 +304,6 @@ def test_search_finds_a_genotype_that_the_fixed_model_retrains(tmp_path):
 def test_a_search_resumes_exactly(tmp_path, monkeypatch):
     """Ctrl-C mid-epoch, then --resume=True: the losses, the temperature schedule, the frozen blocks and the
     architecture optimiser continue as if uninterrupted (exact equality on CPU)."""
-    import json
     import signal
     import train
     from synthetic import make_synthetic
@@ -336,7 +335,6 @@ def test_a_search_resumes_exactly(tmp_path, monkeypatch):
 def test_pascal_config_trains_atrc_on_hrnet_with_every_auxiliary_loss(tmp_path):
     """configs/pascal_atrc.py (HRNet-18, the authors' PASCAL genotype: all five tasks' auxiliary heads,
     saliency and edge as 2-class regions) trains and evaluates on the PASCAL_MT fixture."""
-    import json
     import numpy as np
     import train
     from conftest import write_pascal_sample
@@ -353,3 +351,26 @@ def test_pascal_config_trains_atrc_on_hrnet_with_every_auxiliary_loss(tmp_path):
         res = json.load(f)
     assert tuple(res['final']['metrics']) == tuple(PASCAL) and res['config']['backbone'] == 'hrnet18'
     assert sorted(os.listdir(root)).count('json') == 1 and any(f.startswith('atrc_label_spaces') for f in os.listdir(root))
+
+
+def test_a_search_with_frozen_blocks_trains_under_torchrun(tmp_path):
+    """2 gloo processes: a frozen block runs one context and leaves the others' parameters without a
+    gradient, and the entropy term reads the architecture logits; DDP takes both (every use is inside
+    forward, unused parameters are expected). Every block is frozen at the first step here (margin -1)."""
+    import subprocess
+    import sys
+    from synthetic import make_synthetic
+    root = make_synthetic(str(tmp_path / 'data'), 8, 4, (32, 64), seed=0)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    driver = tmp_path / 'freeze_at_once.py'
+    driver.write_text("import sys, baselines, train\nbaselines.FREEZE_MARGIN = -1.0\nsys.exit(train.main(sys.argv[1:]))\n")
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver),
+           f'--data_root={root}', '--n_train=8', '--n_val=4', '--synthetic_size=32x64', '--batch_size=4',
+           '--model=atrc', '--atrc_search=True', '--epochs=1', '--max_iters=2', '--vis_images=0',
+           f'--out_dir={tmp_path / "out"}']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=here)
+    run = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert '2 process(es)' in run.stdout
+    genotype = json.loads((tmp_path / 'out' / 'genotype.json').read_text())
+    assert {c for row in genotype.values() for c in row.values()} == {'none'}     # argmax of equal logits
