@@ -60,7 +60,6 @@ import torch.nn.functional as F
 from data import IGNORE        # the label to skip (seg / saliency / edge), defined with the data format
 
 EDGE_POS_WEIGHT = 0.95       # weight of the positive (edge) term of the edge loss, as MTI-Net / ATRC
-AUX_DEPTH_BINS = 40          # ATRC's auxiliary depth classes
 NORMALS_EPS = 1e-12          # eps of the prediction normalisation (F.normalize's default)
 DEPTH_EVAL_MIN = 1e-9        # depth predictions <= 0 are evaluated as this (the authors' eval_depth)
 NORMALS_BIN_DEG = 0.001      # histogram resolution of the normals median, degrees
@@ -197,16 +196,16 @@ def task_loss(task, pred, target, normals_form='cosine'):
     return TASK_LOSS[task](pred, target)
 
 
-def discretise(task, target, depth_range=None, normals_centroids=None):
+def discretise(task, target, depth_range=None, normals_centroids=None, depth_bins=None):
     """ATRC's label spaces: a target map -> (B, H, W) int64 region indices, 255 where it is invalid.
-    depth: 40 bins spaced evenly in log(depth) over depth_range (bin floor(40 log(d / lo) / log(hi / lo)),
-    clipped to 0..39); normals: the nearest of the centroids (40, 3) by cosine; saliency / edge: the class
-    0 / 1; segmentation tasks: their labels."""
+    depth: n = depth_bins bins spaced evenly in log(depth) over depth_range (bin floor(n log(d / lo) /
+    log(hi / lo)), clipped to 0..n-1); normals: the nearest of the centroids (K, 3) by cosine; saliency /
+    edge: the class 0 / 1; segmentation tasks: their labels."""
     if task in SEG_TASKS:
         return target
     if task == 'depth':
         lo, hi = (float(v) for v in depth_range)
-        n = AUX_DEPTH_BINS
+        n = depth_bins
         bins = torch.floor(n * torch.log(target.clamp(min=1e-12) / lo) / math.log(hi / lo)).clamp(0, n - 1)
         return torch.where(target > 0, bins, float(IGNORE))[:, 0].long()
     if task == 'normals':
@@ -215,7 +214,7 @@ def discretise(task, target, depth_range=None, normals_centroids=None):
     return torch.where(target == IGNORE, float(IGNORE), (target >= 0.5).float())[:, 0].long()
 
 
-def normals_centroids(normals, k=40, seed=0, iters=30):
+def normals_centroids(normals, k, seed=0, iters=30):
     """k unit vectors that cluster the unit normals (N, 3) (N >= k): spherical k-means (cosine
     assignment, centroid = normalised mean) from a k-means++ start drawn with `seed`. ATRC's normals
     label space, computed here from training normals (theirs ship as a file of their data release)."""
@@ -235,8 +234,9 @@ def normals_centroids(normals, k=40, seed=0, iters=30):
 def aux_loss(task, logits, target, depth_range=None, normals_centroids=None):
     """The loss of ATRC's auxiliary prediction (B, R, H, W) of `task` on its discretised target: cross-entropy
     over the regions, for edge with the class weights (1 - w, w) of the edge loss, for saliency with the
-    batch's balance (positives weighted by the fraction of negatives), as ATRC's 2-class losses."""
-    labels = discretise(task, target, depth_range, normals_centroids)
+    batch's balance (positives weighted by the fraction of negatives), as ATRC's 2-class losses. The
+    regions are the prediction's channels: R depth bins, or one per normals centroid."""
+    labels = discretise(task, target, depth_range, normals_centroids, depth_bins=logits.shape[1])
     weight = None
     if task == 'edge':
         weight = torch.tensor([1 - EDGE_POS_WEIGHT, EDGE_POS_WEIGHT], device=logits.device)

@@ -248,7 +248,7 @@ def compute_losses(out, batch, tasks, normals_form='cosine', label_spaces=None):
 
 def set_atrc_label_spaces(net, cfg, train_set):
     """atrc's depth bins and normals clusters for this data, computed once from a seeded sample of the
-    training targets and cached in data_root: 40 normals clusters (metrics.normals_centroids); depth bins
+    training targets and cached in data_root: the normals clusters (metrics.normals_centroids); depth bins
     over the authors' 0.7-10 m, except on Cityscapes, whose MTAN depth is inverse depth without a metric
     unit: its bins span the 1st-99th percentile of the training values."""
     first = train_set[0]                       # the cache is named by the data it came from, so it cannot go stale
@@ -265,7 +265,8 @@ def set_atrc_label_spaces(net, cfg, train_set):
         spaces = net.label_spaces()
         if 'normals' in cfg['tasks']:
             n = torch.cat([s['normals'].flatten(1).T for s in samples])
-            spaces['normals_centroids'] = normals_centroids(pick(n[(n != 0).any(1)]), seed=cfg['seed'])
+            spaces['normals_centroids'] = normals_centroids(pick(n[(n != 0).any(1)]), len(net.normals_centroids),
+                                                            seed=cfg['seed'])
         if cfg['dataset'] == 'cityscapes' and 'depth' in cfg['tasks']:
             d = torch.cat([s['depth'].flatten() for s in samples])
             spaces['depth_range'] = torch.quantile(pick(d[d > 0]), torch.tensor([0.01, 0.99]))

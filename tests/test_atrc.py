@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines import ATRCDistillation, GlobalContext, LabelContext, LocalContext, atrc_genotype
+from conftest import n_params, randomise
 from metrics import aux_loss, discretise, normals_centroids
 from model import build_model
 
@@ -19,23 +20,8 @@ PASCAL = {'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1
 TOL = dict(rtol=0, atol=1e-10)
 
 
-def n_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
 def everywhere(context):
     return {t: {s: context for s in NYUD} for t in NYUD}
-
-
-def randomise(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean = torch.randn(m.num_features, generator=g, dtype=m.running_mean.dtype)
-            m.running_var = torch.rand(m.num_features, generator=g, dtype=m.running_var.dtype) + 0.5
-    return module.eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,7 +173,7 @@ def test_depth_bins_are_log_spaced_over_the_range():
     depth = torch.tensor([0.0, 0.5, 0.7, 1.0, 5.0, 10.0, 20.0]).view(1, 1, 1, 7)
     expected = [255] + [max(0, min(39, math.floor(40 * math.log(d / 0.7) / math.log(10 / 0.7))))
                         for d in (0.5, 0.7, 1.0, 5.0, 10.0, 20.0)]
-    assert discretise('depth', depth, depth_range=(0.7, 10.0)).flatten().tolist() == expected
+    assert discretise('depth', depth, depth_range=(0.7, 10.0), depth_bins=40).flatten().tolist() == expected
     assert expected[1:] == [0, 0, 5, 29, 39, 39]
 
 
@@ -207,7 +193,7 @@ def test_aux_loss_is_the_cross_entropy_of_the_discretised_target():
     logits = torch.randn(2, 40, 3, 4, generator=g)
     depth = torch.rand(2, 1, 3, 4, generator=g) * 5
     depth[0, 0, 0, 0] = 0                                                  # invalid: left out
-    labels = discretise('depth', depth, depth_range=(0.7, 10.0))
+    labels = discretise('depth', depth, depth_range=(0.7, 10.0), depth_bins=40)
     valid = labels != 255
     expected = F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], labels[valid])
     assert float(aux_loss('depth', logits, depth, depth_range=(0.7, 10.0))) == pytest.approx(float(expected))
@@ -276,12 +262,11 @@ def test_search_blocks_offer_their_candidates_freeze_at_the_margin_and_take_the_
     assert not diagonal.frozen.any()
 
 
-def test_search_finds_a_genotype_that_the_fixed_model_retrains(tmp_path):
+def test_search_finds_a_genotype_that_the_fixed_model_retrains(synthetic_root, tmp_path):
     """A short search on synthetic rooms reduces the loss and writes genotype.json after each evaluation;
     --genotype=that file builds the fixed model of that genotype."""
     import train
-    from synthetic import make_synthetic
-    root = make_synthetic(str(tmp_path / 'data'), 8, 4, (32, 64), seed=0)
+    root = synthetic_root
     out = str(tmp_path / 'search')
     args = [f'--data_root={root}', '--n_train=8', '--n_val=4', '--synthetic_size=32x64', '--batch_size=8',
             '--vis_images=0', '--log_interval=1', '--lr=1e-3', '--model=atrc', '--atrc_search=True',
@@ -301,13 +286,12 @@ def test_search_finds_a_genotype_that_the_fixed_model_retrains(tmp_path):
         assert json.load(f)['genotype'] == genotype
 
 
-def test_a_search_resumes_exactly(tmp_path, monkeypatch):
+def test_a_search_resumes_exactly(synthetic_root, tmp_path, monkeypatch):
     """Ctrl-C mid-epoch, then --resume=True: the losses, the temperature schedule, the frozen blocks and the
     architecture optimiser continue as if uninterrupted (exact equality on CPU)."""
     import signal
     import train
-    from synthetic import make_synthetic
-    root = make_synthetic(str(tmp_path / 'data'), 8, 4, (32, 64), seed=0)
+    root = synthetic_root
     args = [f'--data_root={root}', '--n_train=8', '--n_val=4', '--synthetic_size=32x64', '--batch_size=2',
             '--vis_images=0', '--log_interval=1', '--lr=1e-3', '--model=atrc', '--atrc_search=True',
             '--epochs=2', '--max_iters=3']
@@ -353,14 +337,13 @@ def test_pascal_config_trains_atrc_on_hrnet_with_every_auxiliary_loss(tmp_path):
     assert sorted(os.listdir(root)).count('json') == 1 and any(f.startswith('atrc_label_spaces') for f in os.listdir(root))
 
 
-def test_a_search_with_frozen_blocks_trains_under_torchrun(tmp_path):
+def test_a_search_with_frozen_blocks_trains_under_torchrun(synthetic_root, tmp_path):
     """2 gloo processes: a frozen block runs one context and leaves the others' parameters without a
     gradient, and the entropy term reads the architecture logits; DDP takes both (every use is inside
     forward, unused parameters are expected). Every block is frozen at the first step here (margin -1)."""
     import subprocess
     import sys
-    from synthetic import make_synthetic
-    root = make_synthetic(str(tmp_path / 'data'), 8, 4, (32, 64), seed=0)
+    root = synthetic_root
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     driver = tmp_path / 'freeze_at_once.py'
     driver.write_text("import sys, baselines, train\nbaselines.FREEZE_MARGIN = -1.0\nsys.exit(train.main(sys.argv[1:]))\n")
