@@ -2,7 +2,8 @@
 
 Tests marked `slow` (big inputs, whole models at paper resolution) run only with
 `python -m pytest --runslow`, so the default run stays within CI's time budget on a 2-core CPU.
-`write_pascal_sample` writes one sample in the PASCAL_MT release's on-disk formats (jpg, png, mat).
+`write_pascal_sample` writes one sample in the PASCAL_MT release's on-disk formats (jpg, png, mat);
+`synthetic_root` is a tiny synthetic set per test module; `randomise` and `n_params` serve the model tests.
 """
 import json
 import os
@@ -10,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from PIL import Image
 
 
@@ -28,6 +30,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope='module')
+def synthetic_root(tmp_path_factory):
+    """8 train / 4 val synthetic scenes of 32x64 (the smallest input the backbones take), once per module."""
+    from synthetic import make_synthetic
+    root = str(tmp_path_factory.mktemp('synthetic'))
+    os.rmdir(root)                                   # make_synthetic wants an empty or absent folder
+    return make_synthetic(root, 8, 4, (32, 64), seed=0)
+
+
+def randomise(module, seed=0):
+    """Every parameter and BatchNorm statistic random (so no term of an equation can hide behind a 0 or 1)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean = torch.randn(m.num_features, generator=g, dtype=m.running_mean.dtype)
+            m.running_var = torch.rand(m.num_features, generator=g, dtype=m.running_var.dtype) + 0.5
+    return module.eval()
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 def _struct(fields, rows):

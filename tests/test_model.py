@@ -20,6 +20,7 @@ from timm.models.hrnet import HighResolutionModule
 
 from baselines import (MTINetFrontEnd, PADDistillation, PAPPropagation, FeaturePropagation, pap_affinity,
                        fpm_softmax)
+from conftest import n_params
 from model import (ATRC_NYUD, MODEL_NAMES, SWIN_MODEL_NAMES, CTALDistillation, HRNetBackbone, SwinBackbone,
                    build_model)
 
@@ -51,10 +52,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def n_params(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 _counts = {}

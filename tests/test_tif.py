@@ -9,21 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from baselines import LTHD, SAFF, SFD, TIFDecoder, parent_index, upsample_affinity
+from conftest import randomise
 from model import build_model
 
 TOL = dict(rtol=0, atol=1e-10)
-
-
-def randomise(module, seed=0):
-    """Every parameter and BatchNorm statistic random (so no term of an equation can hide behind a 0 or 1)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean = torch.randn(m.num_features, generator=g, dtype=m.running_mean.dtype)
-            m.running_var = torch.rand(m.num_features, generator=g, dtype=m.running_var.dtype) + 0.5
-    return module.eval()
 
 
 def linear(x, layer):

@@ -27,15 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (32, 64)     # smallest input the backbones take (multiples of 32)
 
 
-@pytest.fixture(scope='module')
-def synthetic_root(tmp_path_factory):
-    """8 train / 4 val synthetic scenes of 32x64, generated once for the module."""
-    root = str(tmp_path_factory.mktemp('synthetic'))
-    os.rmdir(root)                                   # make_synthetic wants an empty or absent folder
-    from synthetic import make_synthetic
-    return make_synthetic(root, 8, 4, SIZE, seed=0)
-
-
 def tiny_args(root, out, *extra):
     return [f'--data_root={root}', f'--out_dir={out}', '--n_train=8', '--n_val=4',
             f'--synthetic_size={SIZE}', '--batch_size=2', '--vis_images=2', '--log_interval=1',
