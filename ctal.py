@@ -15,8 +15,10 @@ positions p, q and f̂_t(p) = F_t[:, p] / ||F_t[:, p]|| (L2 over channels):
   4. diffusion             V_t = projection_t(F_t);  D_t[:, p] = sum_q V_t[:, q] G_t[p, q]
   5. blend                 out_t = gamma * D_t + (1 - gamma) * F_t
 
-`impl='dense'` computes exactly that: O(HW^2 (T C + T k^2)) time and O(T HW^2) memory, e.g. at the
-NYUv2 1/4 scale (72 x 96) each A_t is 6912 x 6912 = 191 MB per image in float32.
+`impl='dense'` computes exactly that, in O(HW^2 (T C + T k^2)) time: at the NYUv2 1/4 scale (72 x 96)
+each A_t is 6912 x 6912 (191 MB per image in float32). `DenseDiffusion` forms A_t and G one block of query
+rows p at a time (the grouped conv restricted to rows p is a weighted sum of k*k shifted copies of those
+rows of A), so only a block is ever held: memory O(rows T HW), not O(T HW^2).
 
 `impl='linear'` computes the same numbers without ever forming an HW x HW tensor. Nothing nonlinear
 sits between steps 1 and 4, so with d ranging over the k*k kernel offsets (zero padding):
@@ -47,9 +49,9 @@ IMPLS = ("auto", "dense", "linear")
 FUSIONS = ("shared", "task")
 
 
-# per FLOP, how much slower the dense form runs than the linear one: PyTorch's CPU backward of a grouped
-# conv with thousands of groups runs far below GEMM speed (measurements in `choose_impl`)
-DENSE_COST_PER_FLOP = {"cpu": 2.8}
+# per FLOP, how much slower the dense form runs than the linear one on a CPU: its fusion (k*k passes over every
+# affinity block) runs at memory speed, and its backward recomputes the affinities (measurements in `choose_impl`)
+DENSE_COST_PER_FLOP = {"cpu": 1.7}
 
 
 def choose_impl(num_tasks, channels, size, kernel_size=3, fusion="shared", device="cuda"):
@@ -60,16 +62,15 @@ def choose_impl(num_tasks, channels, size, kernel_size=3, fusion="shared", devic
       dense:  A_t (T C HW^2) + grouped conv (m T k^2 HW^2) + diffusion (T C HW^2)
       linear: K_d = V S_d^T over the zero-padded grid (T^2 k^2 C^2 L, L = (h + 2r)(w + 2r), r = k // 2)
               + sum_d K_d Z_d (T^2 k^2 C^2 HW)
-    GPUs (dense and linear at the same cost per FLOP): for T = 3, C = 128, k = 3, shared fusion, NYUv2 at
-    1/4 (72 x 96) -> linear, at 1/6 (48 x 64) and 1/8 (36 x 48) -> dense.
-    CPU (dense costs 2.8x more per FLOP): linear from NYUv2 1/8 up, dense on small maps. Measured fwd +
-    bwd on a 2-core CPU (C = 128, T = 3, batch 2, fp32; time dense / time linear, FLOP ratio):
-      9x12 0.14 (0.14) · 16x16 0.24 (0.19) · 24x32 0.58 (0.32) · 36x48 1.44 (0.56) · 48x64 2.70 (0.90)
-      · 72x96 5.27 (1.88)
-    i.e. 2.6-3.0x the FLOP ratio once the maps are large enough for the GEMMs to dominate, and the rule
-    picks the faster one at every size measured. The backward pass costs about twice the forward for
-    both, so the same rule holds for training (memory always favours linear). The choice depends only on
-    the shapes and the device type, so a run, and its resume, always makes the same one.
+    GPUs (dense and linear at the same cost per FLOP; not measured here): for T = 3, C = 128, k = 3, shared
+    fusion, NYUv2 at 1/4 (72 x 96) -> linear, at 1/6 (48 x 64) and 1/8 (36 x 48) -> dense.
+    CPU (dense costs 1.7x more per FLOP): linear from NYUv2 1/6 up, dense from 1/8 down. Measured fwd + bwd
+    on a 2-core CPU (C = 128, T = 3, batch 2, fp32; time dense / time linear, and the FLOP ratio of the rule):
+      9x12 0.20 (0.03) · 16x16 0.25 (0.07) · 24x32 0.50 (0.21) · 36x48 0.89 (0.49) · 48x64 1.44 (0.89)
+      · 72x96 3.05 (2.02)
+    i.e. 1.5-1.8x the FLOP ratio where the GEMMs dominate (more on small maps, where both are fast); any
+    factor from 1.13 to 2.03 picks the faster one at every size measured. The choice depends only on the
+    shapes and the device type, so a run, and its resume, always makes the same one.
     """
     T, C, k, (h, w) = num_tasks, channels, kernel_size, size
     m = T if fusion == "task" else 1
@@ -141,7 +142,7 @@ class CTAL(nn.Module):
         f_hat = F.normalize(x, dim=2).flatten(3)                             # (B, T, C, HW)
         v = torch.stack([proj(xi) for proj, xi in zip(self.projection, xs)], 1).flatten(3)
         if self.impl_for(x.device) == "dense":
-            d = dense_diffusion(f_hat, v, self.fusion.weight, self.fusion.bias, (h, w))
+            d = DenseDiffusion.apply(f_hat, v, self.fusion.weight, self.fusion.bias, (h, w))
         else:
             d = LinearDiffusion.apply(f_hat, v, self.fusion.weight, self.fusion.bias, (h, w))
         out = self.gamma * d.view(B, T, C, h, w) + (1 - self.gamma) * x      # (B, T, C, h, w)
@@ -169,21 +170,6 @@ class CTAL(nn.Module):
                                  f"input {i} has {x.shape[0]}")
 
 
-def dense_diffusion(f_hat, v, weight, bias, size):
-    """The literal algorithm: D_t = V_t G_t^T with G from the grouped conv over interleaved affinities.
-
-    f_hat, v: (B, T, C, HW); weight (HW*m, T, k, k); bias (HW*m,). Returns D (B, T, C, HW).
-    """
-    B, T, C, hw = f_hat.shape
-    h, w = size
-    m = weight.shape[0] // hw
-    a = f_hat.transpose(2, 3) @ f_hat                                 # (B, T, HW, HW): A_t[p, q]
-    joint = a.transpose(1, 2).reshape(B, hw * T, h, w)                # (B, HW*T, h, w): channel p*T + t
-    g = F.conv2d(joint, weight, bias, padding=weight.shape[-1] // 2, groups=hw)  # (B, HW*m, h, w)
-    g = g.view(B, hw, m, hw).transpose(1, 2)                          # (B, m, HW, HW): G_t[p, q]
-    return v @ g.transpose(2, 3)                                      # (B, T, C, HW), m broadcast over T
-
-
 class _Shifts:
     """The k*k shifted copies f̂(. + d) of one image's maps as strided views, never materialised.
 
@@ -199,8 +185,10 @@ class _Shifts:
         self.padded = (h + 2 * self.r, w + 2 * self.r)
         self.length = self.padded[0] * self.padded[1]
         self.margin = self.r * self.padded[1] + self.r
+        self.extended = self.length + 2 * self.margin                     # pad(x, margin)'s length
         self.offsets = [self.margin + dy * self.padded[1] + dx              # d in unfold's (ky, kx) order
                         for dy in range(-self.r, self.r + 1) for dx in range(-self.r, self.r + 1)]
+        self.center = len(self.offsets) // 2                               # d = (0, 0); d and k*k - 1 - d mirror
 
     def pad(self, x, margin=0):
         """(N, h, w) -> (N, L + 2 margin): the zero ring, flattened, `margin` zeros at both ends."""
@@ -210,16 +198,15 @@ class _Shifts:
         """(N, L) view of ext = pad(x, self.margin): position q of the padded grid holds x(q + d)."""
         return ext[:, self.offsets[d]:self.offsets[d] + self.length]
 
+    def window(self, ext, d):
+        """(..., h, w) view of ext = pad(x, self.margin) (..., L + 2 margin): at (y, x) it holds x((y, x) + d)."""
+        (ph, pw), r = self.padded, self.r
+        return ext[..., self.offsets[d]:self.offsets[d] + self.length].unflatten(-1, (ph, pw))[..., r:ph - r, r:pw - r]
+
     def crop(self, flat):
         """(N, L) on the padded grid -> (N, h*w), the map without its ring."""
         (ph, pw), r = self.padded, self.r
         return flat.reshape(-1, ph, pw)[:, r:ph - r, r:pw - r].reshape(flat.shape[0], -1)
-
-
-def _offset_weights(weight, hw, d):
-    """w_t[p, n, d] for one kernel offset d, (m, T, 1, HW), from the grouped conv's weight (HW*m, T, k, k)."""
-    m, T = weight.shape[0] // hw, weight.shape[1]
-    return weight.flatten(2)[:, :, d].reshape(hw, m, T).permute(1, 2, 0)[:, :, None]
 
 
 def _add_product(out, a, b):
@@ -233,6 +220,21 @@ def _add_product(out, a, b):
         out.baddbmm_(a, b)
 
 
+def _autocast_state(device):
+    """(device type, autocast on, its dtype) at a custom Function's forward, which its backward re-enters.
+    A device without autocast (e.g. 'meta', for shape-only FLOP counts) has it off."""
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return device, on, torch.get_autocast_dtype(device) if on else None
+
+
+def _without_autocast(state, fn, *args):
+    """fn(*args) with autocast off: the Functions choose their GEMMs' dtypes themselves (`_compute_dtypes`)."""
+    if not state[1]:
+        return fn(*args)
+    with torch.autocast(state[0], enabled=False):
+        return fn(*args)
+
+
 def _compute_dtypes(autocast, dtype):
     """(dtype of the GEMMs, dtype of the sums): the autocast dtype if autocast is on, and float32 sums."""
     _, enabled, low = autocast
@@ -240,8 +242,141 @@ def _compute_dtypes(autocast, dtype):
     return gemm, torch.promote_types(gemm, torch.float32)
 
 
+# bytes of one block of dense CTAL's affinity rows (B, T, rows, ~HW): on a CPU small enough to stay in the
+# last-level cache through the k*k passes of the fusion (at 72x96, batch 2, 64-128 rows per image ran fastest on
+# a 2-core EPYC with 32 MB of L3); on other devices (GPUs) big, so that the blocks are few kernel launches
+DENSE_BLOCK_BYTES = {"cpu": 16 * 2**20}
+
+
+class DenseDiffusion(torch.autograd.Function):
+    """D of the literal algorithm, D_t[:, p] = sum_q V_t[:, q] G_t[p, q], computed block by block of query
+    rows P: A_t[P, :] = f̂_t(P)^T f̂_t (a GEMM), G[P, :] = the grouped conv of those rows, written as what it
+    is, a per-row weighted sum of the k*k shifted affinity maps (`_AffinityBlocks.fusion`), then
+    D[:, P] = V G[P, :]^T (a GEMM). f_hat, v: (B, T, C, HW); weight (HW*m, T, k, k); bias (HW*m,).
+
+    The numbers are the grouped conv's; the cost is not. PyTorch's CPU backward of a conv with thousands of
+    groups runs far below GEMM speed, and the (T*HW, h, w) interleaved tensor and its gradient are copies
+    of every affinity. A block of rows small enough to stay in the CPU's cache (`DENSE_BLOCK_BYTES`) avoids
+    both, and keeps memory O(rows * T * HW): backward recomputes each block's A and G (one GEMM more
+    than saving them) instead of keeping T HW x HW matrices. Autocast is handled as in `LinearDiffusion`.
+    """
+
+    @staticmethod
+    def forward(ctx, f_hat, v, weight, bias, size):
+        ctx.autocast, ctx.size = _autocast_state(f_hat.device.type), size
+        ctx.save_for_backward(f_hat, v, weight, bias)
+        return _without_autocast(ctx.autocast, _dense_forward, f_hat, v, weight, bias, size, ctx.autocast)
+
+    @staticmethod
+    def backward(ctx, grad_d):
+        f_hat, v, weight, bias = ctx.saved_tensors
+        grads = _without_autocast(ctx.autocast, _dense_backward, grad_d.reshape(v.shape), f_hat, v, weight, bias,
+                                  ctx.size, ctx.autocast)
+        return tuple(g.reshape(x.shape).to(x.dtype) for g, x in zip(grads, (f_hat, v, weight, bias))) + (None,)
+
+
+def _dense_operands(f_hat, v, weight, bias, size, autocast):
+    """The affinity blocks of f̂, V, and the grouped conv's parameters per query position p, w (HW, m, T, k*k)
+    and b (HW, m), in the GEMM dtype; and the dtype sums are kept in."""
+    gemm, acc = _compute_dtypes(autocast, f_hat.dtype)
+    hw, k = f_hat.shape[-1], weight.shape[-1]
+    m = weight.shape[0] // hw
+    w, b = weight.to(gemm).view(hw, m, weight.shape[1], k * k), bias.to(gemm).view(hw, m)
+    return _AffinityBlocks(f_hat.to(gemm), size, k), v.to(gemm), w, b, acc
+
+
+class _AffinityBlocks:
+    """The affinity rows A_t[P, :] and fused rows G[P, :] of a batch, for blocks P of query positions, in
+    buffers reused from block to block (a fresh large tensor per block costs page faults). A is kept on the
+    zero-padded flat layout of `_Shifts`, so that A_t[p, q + d] for every interior q is a strided view."""
+
+    def __init__(self, f_hat, size, k):
+        B, T, C, hw = f_hat.shape
+        self.f_hat, self.shifts, self.size = f_hat, _Shifts(size, k), size
+        block_bytes = DENSE_BLOCK_BYTES.get(f_hat.device.type, 2**30)
+        rows = max(1, min(hw, block_bytes // (B * T * self.shifts.extended * f_hat.element_size())))
+        self.blocks = [slice(p, min(p + rows, hw)) for p in range(0, hw, rows)]
+        self._a = f_hat.new_empty(B * T * rows * hw)
+        self._a_ext = f_hat.new_zeros(B, T, rows, self.shifts.extended)   # the ring and margins stay zero
+
+    def affinity(self, rows):
+        """A_t[P, :] for P = rows (a slice), (B, T, n, L + 2 margin) on the padded layout."""
+        B, T, _, hw = self.f_hat.shape
+        n = rows.stop - rows.start
+        a = torch.matmul(self.f_hat[..., rows].transpose(2, 3), self.f_hat,
+                         out=self._a[:B * T * n * hw].view(B, T, n, hw))
+        a_ext = self._a_ext[:, :, :n]
+        self.shifts.window(a_ext, self.shifts.center).copy_(a.view(B, T, n, *self.size))
+        return a_ext
+
+    def fusion(self, rows, w, b, acc):
+        """(G[P, :] (B, m, n, HW) in dtype acc, A_t[P, :] on the padded layout): the grouped conv of rows P,
+        G[p, q] = b[p] + sum_{t,d} w[p, t, d] A_t[p, q + d]; w (n, m, T, k*k), b (n, m) of those rows."""
+        a_ext = self.affinity(rows)
+        n, m, T, kk = w.shape
+        g = b.t().to(acc)[None, :, :, None, None].repeat(a_ext.shape[0], 1, 1, *self.size)   # (B, m, n, h, w)
+        for j in range(m):
+            for t in range(T):
+                for d in range(kk):
+                    g[:, j].addcmul_(self.shifts.window(a_ext[:, t], d), w[:, j, t, d, None, None])
+        return g.flatten(3), a_ext
+
+
+def _dense_forward(f_hat, v, weight, bias, size, autocast):
+    """D (B, T, C, HW) of the literal algorithm, block by block of query rows; f_hat, v (B, T, C, HW)."""
+    blocks, v, w, b, acc = _dense_operands(f_hat, v, weight, bias, size, autocast)
+    B, T, C, hw = v.shape
+    m = w.shape[1]
+    v_m = v.reshape(B, m, -1, hw)                                     # (B, m, T*C/m, HW): the V_t each G serves
+    d_rows = v.new_empty(B, hw, m, T * C // m, dtype=acc)             # D^T
+    for rows in blocks.blocks:
+        g, _ = blocks.fusion(rows, w[rows], b[rows], acc)
+        d_rows[:, rows] = (g.to(v.dtype) @ v_m.transpose(2, 3)).transpose(1, 2)   # D[:, P]^T = G[P] V^T
+    return d_rows.view(B, hw, T * C).transpose(1, 2).reshape(B, T, C, hw)
+
+
+def _dense_backward(grad_d, f_hat, v, weight, bias, size, autocast):
+    """Gradients of D w.r.t. f̂, V (B, T, C, HW), w (HW, m, T, k*k) and b (HW, m). Per block of rows:
+    dG[P] = dD[:, P]^T V, then dA_t[p, q'] = sum_d w[p, t, d] dG[p, q' - d] (the fusion's transpose: the same
+    shifted views, mirrored) and, as A_t = f̂_t^T f̂_t, df̂_t += f̂_t dA^T (rows P) + f̂_t(P) dA."""
+    blocks, v, w, b, acc = _dense_operands(f_hat, v, weight, bias, size, autocast)
+    f_hat, grad_d, shifts, n_max = blocks.f_hat, grad_d.to(v.dtype), blocks.shifts, blocks.blocks[0].stop
+    B, T, C, hw = f_hat.shape
+    m, kk = w.shape[1], w.shape[-1]
+    v_m, grad_m = v.reshape(B * m, -1, hw), grad_d.reshape(B * m, -1, hw)
+    grad_f, grad_v = torch.zeros_like(f_hat, dtype=acc), torch.zeros_like(v_m, dtype=acc)
+    grad_w, grad_b = torch.empty_like(w, dtype=acc), torch.empty_like(b, dtype=acc)
+    dg_ext = f_hat.new_zeros(B, m, n_max, shifts.extended)             # dG on the padded layout, zero ring
+    da_buf = f_hat.new_empty(B * T * n_max * hw, dtype=acc)
+    for rows in blocks.blocks:
+        n = rows.stop - rows.start
+        g, a_ext = blocks.fusion(rows, w[rows], b[rows], acc)
+        grad_rows = grad_m[..., rows]                                 # (B*m, T*C/m, n): dD[:, P]
+        dg = (grad_rows.transpose(1, 2) @ v_m).view(B, m, n, hw)      # dL/dG[P]
+        _add_product(grad_v, grad_rows, g.to(v.dtype).flatten(0, 1))   # D[:, P] = V G[P]^T
+        grad_b[rows] = dg.sum((0, 3), dtype=acc).t()
+        shifts.window(dg_ext[:, :, :n], shifts.center).copy_(dg.view(B, m, n, *size))
+        da = da_buf[:B * T * n * hw].view(B, T, n, *size).zero_()
+        for j in range(m):
+            dg_j = dg[:, j].view(B, n, *size)
+            for t in range(T):
+                for d in range(kk):                                   # G[p, q] += w[p, t, d] A_t[p, q + d]
+                    grad_w[rows, j, t, d] = (dg_j * shifts.window(a_ext[:, t], d)).sum((0, 2, 3), dtype=acc)
+                    da[:, t].addcmul_(shifts.window(dg_ext[:, j, :n], kk - 1 - d), w[rows, j, t, d, None, None])
+        da = da.view(B, T, n, hw).to(f_hat.dtype)
+        grad_f[..., rows] += f_hat @ da.transpose(2, 3)               # A_t[P, :] = f̂_t(P)^T f̂_t: both factors
+        _add_product(grad_f.flatten(0, 1), f_hat[..., rows].flatten(0, 1), da.flatten(0, 1))
+    return grad_f, grad_v, grad_w, grad_b
+
+
+def _offset_weights(weight, hw, d):
+    """w_t[p, n, d] for one kernel offset d, (m, T, 1, HW), from the grouped conv's weight (HW*m, T, k, k)."""
+    m, T = weight.shape[0] // hw, weight.shape[1]
+    return weight.flatten(2)[:, :, d].reshape(hw, m, T).permute(1, 2, 0)[:, :, None]
+
+
 class LinearDiffusion(torch.autograd.Function):
-    """D of `dense_diffusion` in O(HW) memory: per kernel offset d (S_d = the maps shifted by d, Z_d the
+    """D of `DenseDiffusion` without any HW x HW tensor: per kernel offset d (S_d = the maps shifted by d, Z_d the
     weighted queries Z_d[(n, c), p] = w_t[p, n, d] f̂_n(p)[c]),
 
         K_d = V S_d^T   (T*C x T*C),     D = sum_d K_d Z_d + outer(sum_q V, b)
@@ -256,39 +391,43 @@ class LinearDiffusion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f_hat, v, weight, bias, size):
-        hw, dev = f_hat.shape[-1], f_hat.device.type
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        gemm, acc = _compute_dtypes(ctx.autocast, f_hat.dtype)
-        b = bias.view(hw, -1).t()[:, None]                            # (m, 1, HW): b_t[p]
-        with torch.autocast(dev, enabled=False):
-            kmats, outs = [], []
-            for f_i, v_i in zip(f_hat.to(gemm), v.to(gemm)):          # one image: (T, C, HW)
-                kmat, d = _linear_forward(f_i, v_i, weight.to(gemm), size, acc)
-                kmats.append(kmat)
-                outs.append(d)
-            d = torch.stack(outs) + v.sum(3, keepdim=True) * b        # + b_t[p] sum_q V_t[:, q]
-        ctx.size = size
-        ctx.save_for_backward(f_hat, v, weight, bias, torch.stack(kmats))
+        ctx.autocast, ctx.size = _autocast_state(f_hat.device.type), size
+        d, kmats = _without_autocast(ctx.autocast, LinearDiffusion.batch_forward, f_hat, v, weight, bias, size,
+                                     ctx.autocast)
+        ctx.save_for_backward(f_hat, v, weight, bias, kmats)
         return d                                                      # (B, T, C, HW)
 
     @staticmethod
     def backward(ctx, grad_d):
         f_hat, v, weight, bias, kmats = ctx.saved_tensors
-        gemm, acc = _compute_dtypes(ctx.autocast, f_hat.dtype)
-        hw = f_hat.shape[-1]
-        grad_d = grad_d.reshape(v.shape)
-        with torch.autocast(ctx.autocast[0], enabled=False):
-            grads = [_linear_backward(g.to(gemm), f.to(gemm), vi.to(gemm), weight.to(gemm), kmat, ctx.size, acc)
-                     for g, f, vi, kmat in zip(grad_d, f_hat, v, kmats)]
-            grad_f = torch.stack([g[0] for g in grads])
-            grad_w = sum(g[2] for g in grads)
-            # the bias term b_t[p] * sum_q V_t[:, q]
-            b = bias.view(hw, -1).t()[:, None]                        # (m, 1, HW)
-            grad_v = torch.stack([g[1] for g in grads]) + (grad_d * b).sum(3, keepdim=True)
-            grad_b = torch.einsum("btcp,btc->tp", grad_d.to(acc), v.sum(3).to(acc))   # (T, HW)
-            grad_b = grad_b if b.shape[0] > 1 else grad_b.sum(0, keepdim=True)   # (m, HW)
-        grads = (grad_f, grad_v, grad_w, grad_b.t().reshape(bias.shape))
+        grads = _without_autocast(ctx.autocast, LinearDiffusion.batch_backward, grad_d.reshape(v.shape), f_hat, v,
+                                  weight, bias, kmats, ctx.size, ctx.autocast)
         return tuple(g.to(x.dtype) for g, x in zip(grads, (f_hat, v, weight, bias))) + (None,)
+
+    @staticmethod
+    def batch_forward(f_hat, v, weight, bias, size, autocast):
+        gemm, acc = _compute_dtypes(autocast, f_hat.dtype)
+        b = bias.view(f_hat.shape[-1], -1).t()[:, None]               # (m, 1, HW): b_t[p]
+        kmats, outs = [], []
+        for f_i, v_i in zip(f_hat.to(gemm), v.to(gemm)):              # one image: (T, C, HW)
+            kmat, d = _linear_forward(f_i, v_i, weight.to(gemm), size, acc)
+            kmats.append(kmat)
+            outs.append(d)
+        return torch.stack(outs) + v.sum(3, keepdim=True) * b, torch.stack(kmats)   # + b_t[p] sum_q V_t[:, q]
+
+    @staticmethod
+    def batch_backward(grad_d, f_hat, v, weight, bias, kmats, size, autocast):
+        gemm, acc = _compute_dtypes(autocast, f_hat.dtype)
+        grads = [_linear_backward(g.to(gemm), f.to(gemm), vi.to(gemm), weight.to(gemm), kmat, size, acc)
+                 for g, f, vi, kmat in zip(grad_d, f_hat, v, kmats)]
+        grad_f = torch.stack([g[0] for g in grads])
+        grad_w = sum(g[2] for g in grads)
+        # the bias term b_t[p] * sum_q V_t[:, q]
+        b = bias.view(f_hat.shape[-1], -1).t()[:, None]               # (m, 1, HW)
+        grad_v = torch.stack([g[1] for g in grads]) + (grad_d * b).sum(3, keepdim=True)
+        grad_b = torch.einsum("btcp,btc->tp", grad_d.to(acc), v.sum(3).to(acc))       # (T, HW)
+        grad_b = grad_b if b.shape[0] > 1 else grad_b.sum(0, keepdim=True)           # (m, HW)
+        return grad_f, grad_v, grad_w, grad_b.t().reshape(bias.shape)
 
 
 def _linear_forward(f_hat, v, weight, size, acc):

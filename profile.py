@@ -6,7 +6,8 @@
 
 Model table (default): for each model, built by model.build_model with random weights,
   params      count, and relative to STL (the papers' "Rel Param.")
-  GFLOP/img   forward FLOPs of one image, counted with torch.utils.flop_counter.FlopCounterMode
+  GFLOP/img   forward FLOPs of one image, counted with torch.utils.flop_counter.FlopCounterMode (GEMMs and
+              convs), plus dense CTAL's fusion, which runs as elementwise products (`dense_fusion_flops`)
   GMAC@8      the same in the papers' convention: multiply-accumulates for a batch of 8 (read it against
               their FLOPs column; CTAL's figure depends on --ctal-impl, the papers' is the dense form)
   val time    seconds to run the whole validation split (NYUv2 654 images) at --batch, extrapolated from
@@ -20,8 +21,10 @@ PAP-Net is printed twice: with one propagation iteration (the authors' code defa
 which is what the papers' 521 G matches.
 
 CTAL micro-benchmark (--module ctal): dense vs linear forward+backward at NYUv2 shapes (288x384 input, so
-72x96 at 1/4, 48x64 at 1/6, 36x48 at 1/8; C = 128, T = 3): time, FLOPs, peak memory and their ratios,
-and with --fit-gb the largest batch each implementation fits in that memory at 1/4 and 1/2 scale.
+72x96 at 1/4, 48x64 at 1/6, 36x48 at 1/8; C = 128, T = 3): time, FLOPs as executed (FlopCounterMode's count
+of the GEMMs: dense's backward recomputes its affinity blocks, and its elementwise fusion is not counted),
+the rate as a fraction of a GEMM rate measured in the same run, peak memory and the ratios; with --fit-gb
+the largest batch each implementation fits in that memory at 1/4 and 1/2 scale.
 """
 import importlib.util
 import os
@@ -127,24 +130,19 @@ def scaled_size(size, scale):
     return round(size[0] * scale), round(size[1] * scale)
 
 
-def _grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
-                                transposed, output_padding, groups, output_mask, **kwargs):
-    """FlopCounterMode's own formula for the conv backward ignores `groups` (it counts the weight
-    gradient of CTAL's grouped conv, 6,912 groups at 1/4, as if it were a dense conv). Each of the input
-    and weight gradients costs exactly what the forward costs, whatever the groups."""
-    from torch.utils.flop_counter import conv_flop_count
-    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
-    return forward * (int(output_mask[0]) + int(output_mask[1]))
-
-
 def flop_counter():
-    """FlopCounterMode with the grouped-conv backward formula fixed (see above), and the in-place GEMMs
-    (addmm_, baddbmm_: linear CTAL sums its per-offset products with them) counted like their out-of-place
-    forms, which are the only ones FlopCounterMode knows."""
+    """FlopCounterMode with the in-place GEMMs (addmm_, baddbmm_: both CTAL forms sum their block or
+    per-offset products with them) counted like their out-of-place forms, the only ones it knows."""
     from torch.utils.flop_counter import FlopCounterMode
     return FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten.convolution_backward: _grouped_conv_backward_flop,
         torch.ops.aten.addmm_: _inplace_gemm_flop, torch.ops.aten.baddbmm_: _inplace_gemm_flop})
+
+
+def dense_fusion_flops(model, device):
+    """Forward FLOPs of one image that FlopCounterMode cannot see: dense CTAL's fusion (the grouped conv, computed
+    as a weighted sum of shifted affinity rows: 2 m T k^2 HW^2), part of the papers' count."""
+    return sum(2 * m.m * m.num_tasks * m.kernel_size ** 2 * (m.size[0] * m.size[1]) ** 2 for m in model.modules()
+               if isinstance(m, CTAL) and m.impl_for(device) == "dense")
 
 
 def _inplace_gemm_flop(self_shape, a_shape, b_shape, *args, **kwargs):
@@ -252,7 +250,7 @@ def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, dev
     model.eval()
     with flop_counter() as counter, torch.no_grad():
         model(images[:1])
-    flops = counter.get_total_flops()                             # forward, one image
+    flops = counter.get_total_flops() + dense_fusion_flops(model, torch.device(device).type)   # forward, one image
     return dict(params=params, flops_per_image=flops, seconds_per_batch=seconds, peak_bytes=peak)
 
 
@@ -363,14 +361,6 @@ def gemm_stats(n, device, iters):
     return dict(n=n, seconds=seconds, gflops=2 * n ** 3 / seconds / 1e9)
 
 
-def dense_bytes_per_image(size, tasks, m=1, bytes_per=4):
-    """What dense CTAL keeps alive per image at its peak, in HW x HW tensors: the joint affinity M
-    (T HW^2, saved for the conv's backward), G (m HW^2, saved for the diffusion's backward), and in
-    backward dM, dA (T HW^2 each) and dG. A lower bound; measured peaks add the small O(HW) terms."""
-    hw = size[0] * size[1]
-    return (3 * tasks + 2 * m) * hw * hw * bytes_per
-
-
 def run_ctal_benchmark(args):
     device, T, C = args.device, args.tasks, args.channels
     size = scaled_size(NYUV2_SIZE, args.scale)
@@ -405,9 +395,7 @@ def run_ctal_benchmark(args):
 def report_largest_batches(args):
     """Largest batch whose forward+backward peak fits in --fit-gb, at 1/4 and 1/2 scale.
 
-    The per-image cost is measured as peak(batch 2) - peak(batch 1). Dense is measured only where its
-    lower-bound estimate fits in 80% of the free memory; otherwise the lower bound itself is used
-    (marked 'bound': the true figure can only be larger, so the batch can only be smaller)."""
+    The per-image cost is measured as peak(batch 2) - peak(batch 1)."""
     device, T, C = args.device, args.tasks, args.channels
     fit = args.fit_gb * 2**30
     out = {}
@@ -415,27 +403,13 @@ def report_largest_batches(args):
     for scale in (Fraction(1, 4), Fraction(1, 2)):
         size = scaled_size(NYUV2_SIZE, scale)
         for impl in ("dense", "linear"):
-            bound = dense_bytes_per_image(size, T) if impl == "dense" else 0
-            if bound * 2 > 0.8 * available_bytes(device):
-                per_image, batch, how = bound, int(fit // bound), "bound"
-            else:
-                one, two = (run_measurement("ctal_step_stats", device, impl=impl, size=list(size), batch=b,
-                                            channels=C, tasks=T, iters=1) for b in (1, 2))
-                per_image = max(two["peak_bytes"] - one["peak_bytes"], 1)
-                base = one["peak_bytes"] - per_image
-                batch, how = max(0, int((fit - base) // per_image)), "measured"
-            out[f"{impl}@{size[0]}x{size[1]}"] = dict(batch=batch, per_image_bytes=per_image, how=how)
-            print(f"  {size[0]:4d}x{size[1]:<4d} {impl:7s} batch {batch:5d}   "
-                  f"({per_image / 2**20:,.0f} MB per image, {how})")
+            one, two = (run_measurement("ctal_step_stats", device, impl=impl, size=list(size), batch=b,
+                                        channels=C, tasks=T, iters=1) for b in (1, 2))
+            per_image = max(two["peak_bytes"] - one["peak_bytes"], 1)
+            batch = max(0, int((fit - one["peak_bytes"] + per_image) // per_image))
+            out[f"{impl}@{size[0]}x{size[1]}"] = dict(batch=batch, per_image_bytes=per_image)
+            print(f"  {size[0]:4d}x{size[1]:<4d} {impl:7s} batch {batch:5d}   ({per_image / 2**20:,.0f} MB per image)")
     return out
-
-
-def available_bytes(device):
-    if device == "cuda":
-        return torch.cuda.mem_get_info()[0]
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
 
 
 # ------------------------------------------------------------------------------------------- main
