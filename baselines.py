@@ -564,6 +564,9 @@ class LabelContext(nn.Module):
 
 CONTEXT_BLOCKS = {'global': GlobalContext, 'local': LocalContext, 'tlabel': LabelContext, 'slabel': LabelContext}
 FREEZE_MARGIN = 0.3          # the search fixes a block once its top two probabilities differ by this much
+# the search's schedules (the authors' code), linear over the run: the Gumbel temperature, and the weight of the
+# entropy term, negative at first (spread the choice), then positive (commit to one); the logits' own Adam lr
+SEARCH_TAU, SEARCH_ENTROPY, SEARCH_ARCH_LR = (1.0, 0.05), (-0.02, 0.06), 5e-4
 
 
 class SearchedContext(nn.Module):
@@ -617,7 +620,7 @@ class ATRCDistillation(nn.Module):
 
     def __init__(self, tasks, genotype, channels, d, dropout=0.05, search=False):
         super().__init__()
-        self.search, self.tau = search, 1.0                 # tau: the search's Gumbel temperature (train.py)
+        self.search, self.tau = search, SEARCH_TAU[0]       # tau: the search's Gumbel temperature (`schedule`)
         if search:                                          # every pair a mixture; no dropout (their code)
             self.genotype, dropout = None, 0.0
             self.blocks = nn.ModuleDict({t: nn.ModuleDict({s: SearchedContext(channels, d, s == t) for s in tasks})
@@ -648,6 +651,11 @@ class ATRCDistillation(nn.Module):
         if not self.search:
             return self.genotype
         return {t: {s: block.choice() for s, block in row.items()} for t, row in self.blocks.items()}
+
+    def schedule(self, progress):
+        """At `progress` (0 -> 1) of the search: sets the Gumbel temperature, returns the entropy term's weight."""
+        self.tau = SEARCH_TAU[0] + progress * (SEARCH_TAU[1] - SEARCH_TAU[0])
+        return SEARCH_ENTROPY[0] + progress * (SEARCH_ENTROPY[1] - SEARCH_ENTROPY[0])
 
     def entropy(self):
         """The search's entropy term: the mean entropy of the blocks' softmax(logits)."""

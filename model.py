@@ -62,6 +62,7 @@ from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ATRCDistillation, ConcatDi
                        PADDistillation, PAPPropagation, TIFDecoder, conv1x1_bn, conv_bn_relu, resize,
                        spatial_softmax)
 from ctal import CTAL
+from metrics import normals_centroids
 
 MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif', 'atrc', 'atrc_ms')
 BACKBONES = ('hrnet18', 'swinv2_s')
@@ -600,6 +601,23 @@ class ATRC(MultiTaskModel):
     def label_spaces(self):
         """What metrics.aux_loss discretises the targets by."""
         return {'depth_range': self.depth_range, 'normals_centroids': self.normals_centroids}
+
+    @torch.no_grad()
+    def fit_label_spaces(self, samples, seed, inverse_depth=False):
+        """Fit the label spaces to training samples [{task: target}], at most 200,000 valid values of each
+        drawn with `seed`: the normals clusters (metrics.normals_centroids); the depth bins stay on the
+        authors' 0.7-10 m, unless the depth is inverse depth without a metric unit (MTAN's Cityscapes): then
+        they span its 1st-99th percentile. Returns label_spaces()."""
+        g = torch.Generator().manual_seed(seed)
+        pick = lambda x: x[torch.randperm(len(x), generator=g)[:200_000]]
+        if 'normals' in self.tasks:
+            n = torch.cat([s['normals'].flatten(1).T for s in samples])           # (N, 3), zero = invalid
+            self.normals_centroids.copy_(normals_centroids(pick(n[(n != 0).any(1)]), len(self.normals_centroids),
+                                                           seed=seed))
+        if inverse_depth and 'depth' in self.tasks:
+            d = torch.cat([s['depth'].flatten() for s in samples])
+            self.depth_range.copy_(torch.quantile(pick(d[d > 0]), torch.tensor([0.01, 0.99])))
+        return self.label_spaces()
 
     def forward(self, x):
         self.check_input(x)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from baselines import FPM_SOFTMAXES, PAP_AFFINITIES
+from baselines import FPM_SOFTMAXES, PAP_AFFINITIES, SEARCH_ARCH_LR
 from checkpoint import (check_out_dir, check_resume, cut_log, json_safe, load_checkpoint, load_reference, load_weights,
                         rng_state, save_checkpoint, set_rng_state, versions, write_json)
 from config import UserError, parse_config as read_config
@@ -38,7 +38,7 @@ from ctal import CTAL, FUSIONS, IMPLS
 from data import DATASETS, build_dataset
 from ddp import (Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, check_device_name,
                  convert_sync_batchnorm, epoch_batches, setup_distributed)
-from metrics import NORMALS_LOSSES, TASK_METRIC, aux_loss, build_meters, delta_m, normals_centroids, task_loss
+from metrics import NORMALS_LOSSES, TASK_METRIC, aux_loss, build_meters, delta_m, task_loss
 from model import ATRC, BACKBONES, MODEL_NAMES, build_model
 from synthetic import make_synthetic
 from vis import save_curves, save_val_grid
@@ -111,10 +111,6 @@ AT_LEAST = {'epochs': 1, 'batch_size': 1, 'eval_interval': 1, 'log_interval': 1,
 # what a resumed run may change; any other difference from the checkpoint's config is refused
 RESUMABLE_CHANGES = ('data_root', 'out_dir', 'resume', 'eval_only', 'epochs', 'eval_interval', 'log_interval',
                      'vis_images', 'stl_results', 'device', 'num_workers', 'bf16', 'ctal_impl', 'compile')
-
-
-# ATRC's search (the authors' code): the architecture logits' own Adam, the temperature and the entropy weight
-SEARCH = {'arch_lr': 5e-4, 'tau': (1.0, 0.05), 'entropy': (-0.02, 0.06)}
 
 
 class NonFiniteLoss(UserError):
@@ -247,35 +243,23 @@ def compute_losses(out, batch, tasks, normals_form='cosine', label_spaces=None):
 
 
 def set_atrc_label_spaces(net, cfg, train_set):
-    """atrc's depth bins and normals clusters for this data, computed once from a seeded sample of the
-    training targets and cached in data_root: the normals clusters (metrics.normals_centroids); depth bins
-    over the authors' 0.7-10 m, except on Cityscapes, whose MTAN depth is inverse depth without a metric
-    unit: its bins span the 1st-99th percentile of the training values."""
-    first = train_set[0]                       # the cache is named by the data it came from, so it cannot go stale
+    """atrc's depth bins and normals clusters for this data (`ATRC.fit_label_spaces`), fitted once on every
+    len/64-th training sample and cached in data_root, under a name that hashes the data (cannot go stale)."""
+    first = train_set[0]
     digest = hashlib.sha1(repr(len(train_set)).encode())
     for t in cfg['tasks']:
         digest.update(first[t].numpy().tobytes())
     path = os.path.join(cfg['data_root'], f"atrc_label_spaces_{digest.hexdigest()[:12]}_seed{cfg['seed']}.pt")
     if os.path.isfile(path):
-        spaces = torch.load(path, weights_only=True)
-    else:
-        samples = [train_set[i] for i in range(0, len(train_set), max(1, len(train_set) // 64))]
-        g = torch.Generator().manual_seed(cfg['seed'])
-        pick = lambda x: x[torch.randperm(len(x), generator=g)[:200_000]]
-        spaces = net.label_spaces()
-        if 'normals' in cfg['tasks']:
-            n = torch.cat([s['normals'].flatten(1).T for s in samples])
-            spaces['normals_centroids'] = normals_centroids(pick(n[(n != 0).any(1)]), len(net.normals_centroids),
-                                                            seed=cfg['seed'])
-        if cfg['dataset'] == 'cityscapes' and 'depth' in cfg['tasks']:
-            d = torch.cat([s['depth'].flatten() for s in samples])
-            spaces['depth_range'] = torch.quantile(pick(d[d > 0]), torch.tensor([0.01, 0.99]))
-        try:
-            save_checkpoint(path, spaces)
-        except OSError:                               # a read-only data folder: no cache
-            pass
-    for name, value in spaces.items():
-        getattr(net, name).copy_(value)
+        for name, value in torch.load(path, weights_only=True).items():
+            getattr(net, name).copy_(value)
+        return
+    samples = [train_set[i] for i in range(0, len(train_set), max(1, len(train_set) // 64))]
+    spaces = net.fit_label_spaces(samples, cfg['seed'], inverse_depth=cfg['dataset'] == 'cityscapes')
+    try:
+        save_checkpoint(path, spaces)
+    except OSError:                                   # a read-only data folder: no cache
+        pass
 
 
 def make_scheduler(optimizer, cfg):
@@ -348,7 +332,7 @@ class Run:
         arch = [p for n, p in net.named_parameters() if n.endswith('arch_logits')]     # atrc_search only
         weights = [p for n, p in net.named_parameters() if not n.endswith('arch_logits')]
         self.optimizer = torch.optim.Adam(weights, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-        self.arch_optimizer = torch.optim.Adam(arch, lr=SEARCH['arch_lr'], weight_decay=0) if arch else None
+        self.arch_optimizer = torch.optim.Adam(arch, lr=SEARCH_ARCH_LR, weight_decay=0) if arch else None
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.reference, self.reference_source = load_reference(cfg)
         self.progress = {'epoch': 0, 'batches_done': 0, 'step': 0, 'best': None, 'last': None, 'seconds': 0.0,
@@ -399,20 +383,11 @@ class Run:
         barrier()
 
 
-def search_schedule(step, total):
-    """ATRC's search at global step `step` of `total`: (Gumbel temperature, weight of the entropy term),
-    both linear over the run: 1.0 -> 0.05 and -0.02 (spread the choice) -> +0.06 (commit to one)."""
-    f = step / total
-    return (SEARCH['tau'][0] + f * (SEARCH['tau'][1] - SEARCH['tau'][0]),
-            SEARCH['entropy'][0] + f * (SEARCH['entropy'][1] - SEARCH['entropy'][0]))
-
-
 def train_step(run, batch):
     """One optimiser step; the per-task losses averaged over ranks (floats)."""
     cfg = run.cfg
     if run.arch_optimizer:                      # the ATRC search: this step's temperature and entropy weight
-        run.net.distill.tau, entropy_weight = search_schedule(run.progress['step'],
-                                                              run.steps_per_epoch * cfg['epochs'])
+        entropy_weight = run.net.distill.schedule(run.progress['step'] / (run.steps_per_epoch * cfg['epochs']))
     with autocast(cfg, run.device):
         out = run.model(batch['image'])
     spaces = run.net.label_spaces() if isinstance(run.net, ATRC) else None

@@ -226,13 +226,18 @@ def test_global_context_never_forms_an_l_by_l_tensor():
 # the architecture search
 
 def test_search_schedules_at_start_middle_and_end():
-    from train import search_schedule
-    assert search_schedule(0, 1000) == (1.0, -0.02)
-    tau, weight = search_schedule(500, 1000)
+    from baselines import ATRCDistillation
+    distill = ATRCDistillation(['semseg', 'depth'], None, 8, 4, search=True)
+
+    def schedule(progress):
+        weight = distill.schedule(progress)
+        return distill.tau, weight
+    assert schedule(0) == (1.0, -0.02)
+    tau, weight = schedule(0.5)
     assert tau == pytest.approx(0.525) and weight == pytest.approx(0.02)
-    tau, weight = search_schedule(1000, 1000)
+    tau, weight = schedule(1)
     assert tau == pytest.approx(0.05) and weight == pytest.approx(0.06)
-    assert search_schedule(250, 1000)[1] == pytest.approx(0.0)             # negative for the first quarter
+    assert schedule(0.25)[1] == pytest.approx(0.0)                         # negative for the first quarter
 
 
 def test_search_blocks_offer_their_candidates_freeze_at_the_margin_and_take_the_argmax_at_eval():
