@@ -505,15 +505,23 @@ def value_projection(channels, d, affine=True):
     return v
 
 
-class GlobalContext(nn.Module):
-    """Global context: linear attention over all positions of the source with the dot-product kernel on
-    Softplus features (no 1/sqrt(d): the authors' code), never an L x L tensor:
-        out_i = sum_j v_j <k_j, q_i> / max(sum_j <k_j, q_i>, 1e-12)          q_i, k_j, v_j in R^d."""
+class ContextBlock(nn.Module):
+    """What every CP block has (the authors' code): query f_q(target) and key f_k(source) projections ending
+    in `activation`, and the value projection of the source."""
+    activation = nn.ReLU
 
     def __init__(self, channels, d, affine=True):
         super().__init__()
-        self.query, self.key = two_conv_bn(channels, d, nn.Softplus()), two_conv_bn(channels, d, nn.Softplus())
+        self.query = two_conv_bn(channels, d, self.activation())
+        self.key = two_conv_bn(channels, d, self.activation())
         self.value = value_projection(channels, d, affine)
+
+
+class GlobalContext(ContextBlock):
+    """Global context: linear attention over all positions of the source with the dot-product kernel on
+    Softplus features (no 1/sqrt(d): the authors' code), never an L x L tensor:
+        out_i = sum_j v_j <k_j, q_i> / max(sum_j <k_j, q_i>, 1e-12)          q_i, k_j, v_j in R^d."""
+    activation = nn.Softplus
 
     def forward(self, target, source, regions=None):
         B, _, h, w = target.shape
@@ -523,16 +531,11 @@ class GlobalContext(nn.Module):
         return (kv @ q / norm).view(B, -1, h, w)
 
 
-class LocalContext(nn.Module):
+class LocalContext(ContextBlock):
     """Local context: softmax attention over the 9 x 9 window around each position, logits / sqrt(d).
     Window positions outside the map count as logit 0 and value 0 (the authors' CUDA op: they stay in the
     softmax's denominator). Pure PyTorch via unfold: (B, d * 81, L) per map; the two contractions as
     einsums (batched matrix products, which FLOP counters see)."""
-
-    def __init__(self, channels, d, affine=True):
-        super().__init__()
-        self.query, self.key = two_conv_bn(channels, d, nn.ReLU()), two_conv_bn(channels, d, nn.ReLU())
-        self.value = value_projection(channels, d, affine)
 
     def forward(self, target, source, regions=None):
         B, _, h, w = target.shape
@@ -543,15 +546,10 @@ class LocalContext(nn.Module):
         return torch.einsum('bdnl,bnl->bdl', window(v), logits.softmax(1)).view(B, d, h, w)
 
 
-class LabelContext(nn.Module):
+class LabelContext(ContextBlock):
     """T-label / S-label context: attention over R region prototypes of the source features, the regions
     being the target's (T-label) or the source's (S-label) auxiliary prediction, softmaxed over positions:
         P = Â F_s^T (B, R, C), seen as a (B, C, R, 1) map;  out_i = sum_r softmax_r(<q_i, k_r> / sqrt(d)) v_r."""
-
-    def __init__(self, channels, d, affine=True):
-        super().__init__()
-        self.query, self.key = two_conv_bn(channels, d, nn.ReLU()), two_conv_bn(channels, d, nn.ReLU())
-        self.value = value_projection(channels, d, affine)
 
     def forward(self, target, source, regions):
         B, _, h, w = target.shape

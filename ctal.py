@@ -200,13 +200,12 @@ class _Shifts:
 
     def window(self, ext, d):
         """(..., h, w) view of ext = pad(x, self.margin) (..., L + 2 margin): at (y, x) it holds x((y, x) + d)."""
-        (ph, pw), r = self.padded, self.r
-        return ext[..., self.offsets[d]:self.offsets[d] + self.length].unflatten(-1, (ph, pw))[..., r:ph - r, r:pw - r]
+        return self.interior(ext[..., self.offsets[d]:self.offsets[d] + self.length])
 
-    def crop(self, flat):
-        """(N, L) on the padded grid -> (N, h*w), the map without its ring."""
+    def interior(self, flat):
+        """(..., L) on the padded grid -> (..., h, w) view: the map without its ring."""
         (ph, pw), r = self.padded, self.r
-        return flat.reshape(-1, ph, pw)[:, r:ph - r, r:pw - r].reshape(flat.shape[0], -1)
+        return flat.unflatten(-1, (ph, pw))[..., r:ph - r, r:pw - r]
 
 
 def _add_product(out, a, b):
@@ -280,8 +279,7 @@ def _dense_operands(f_hat, v, weight, bias, size, autocast):
     and b (HW, m), in the GEMM dtype; and the dtype sums are kept in."""
     gemm, acc = _compute_dtypes(autocast, f_hat.dtype)
     hw, k = f_hat.shape[-1], weight.shape[-1]
-    m = weight.shape[0] // hw
-    w, b = weight.to(gemm).view(hw, m, weight.shape[1], k * k), bias.to(gemm).view(hw, m)
+    w, b = _per_position(weight.to(gemm), hw), bias.to(gemm).view(hw, -1)
     return _AffinityBlocks(f_hat.to(gemm), size, k), v.to(gemm), w, b, acc
 
 
@@ -369,10 +367,15 @@ def _dense_backward(grad_d, f_hat, v, weight, bias, size, autocast):
     return grad_f, grad_v, grad_w, grad_b
 
 
+def _per_position(weight, hw):
+    """The grouped conv's weight (HW*m, T, k, k) per query position p: (HW, m, T, k*k), entry [p, j, n, d] the
+    weight of source task n at kernel offset d in fused map j (of m)."""
+    return weight.view(hw, weight.shape[0] // hw, weight.shape[1], -1)
+
+
 def _offset_weights(weight, hw, d):
     """w_t[p, n, d] for one kernel offset d, (m, T, 1, HW), from the grouped conv's weight (HW*m, T, k, k)."""
-    m, T = weight.shape[0] // hw, weight.shape[1]
-    return weight.flatten(2)[:, :, d].reshape(hw, m, T).permute(1, 2, 0)[:, :, None]
+    return _per_position(weight, hw)[..., d].permute(1, 2, 0)[:, :, None]
 
 
 class LinearDiffusion(torch.autograd.Function):
@@ -468,8 +471,8 @@ def _linear_backward(grad_d, f_hat, v, weight, kmats, size, acc):
         grad_w[d] = (grad_z * f_hat).sum(2)                           # (m, T, HW)
         _add_product(grad_v_pad, grad_k, shifts.shifted(f_ext, d))    # through K_d = V S_d^T
         _add_product(shifts.shifted(grad_f_ext, d), grad_k.t(), v_pad)
-    grad_f += shifts.crop(grad_f_ext[:, shifts.margin:shifts.margin + shifts.length]).view(T, C, hw)
-    grad_v = shifts.crop(grad_v_pad).view(T, C, hw)
+    grad_f += shifts.window(grad_f_ext, shifts.center).reshape(T, C, hw)
+    grad_v = shifts.interior(grad_v_pad).reshape(T, C, hw)
     return grad_f, grad_v, grad_w.permute(3, 1, 2, 0).reshape(weight.shape)
 
 

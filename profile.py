@@ -181,6 +181,10 @@ def _proc_status_bytes(field):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+def _lifetime_peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024            # Linux reports KiB
+
+
 def reset_peak_rss():
     """The resident set now, with the process's peak reset to it where Linux allows (writing 5 to
     /proc/self/clear_refs resets VmHWM); otherwise the lifetime peak, which then includes e.g. building
@@ -190,14 +194,15 @@ def reset_peak_rss():
             f.write("5")
         return _proc_status_bytes("VmRSS")
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024       # Linux reports KiB
+        return _lifetime_peak_rss()
 
 
 def peak_rss():
+    """The peak resident set since `reset_peak_rss` (where the reset worked; else since the start)."""
     try:
         return _proc_status_bytes("VmHWM")
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return _lifetime_peak_rss()
 
 
 def isolated(function, **kwargs):
@@ -242,7 +247,7 @@ def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, dev
 
     def train_step():
         out = model(images)
-        loss = sum(o.float().mean() for o in out.values() if torch.is_tensor(o))   # not 'initial' / 'aux' 
+        loss = sum(o.float().mean() for o in out.values() if torch.is_tensor(o))   # not 'initial' / 'aux'
         loss.backward()
         model.zero_grad(set_to_none=True)
 

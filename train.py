@@ -343,6 +343,11 @@ class Run:
     def path(self, name):
         return os.path.join(self.cfg['out_dir'], name)
 
+    def save_grid(self, name):
+        """out_dir/name: the prediction grid of the first vis_images validation images."""
+        save_val_grid(self.path(name), self.net, self.val_set, self.cfg['tasks'], self.cfg['vis_images'],
+                      autocast(self.cfg, self.device))
+
     def score(self):
         """The model on the val split: {'val_loss', 'delta_m' (None without a reference), 'metrics'}."""
         metrics, val_loss = evaluate(self.net, self.val_set, self.cfg, self.device, self.rank, self.world)
@@ -481,8 +486,7 @@ def evaluate_run(run, epoch):
             save_checkpoint(run.path('best.pt'), {'model': run.net.state_dict(), 'config': run.cfg, 'eval': record,
                                                   'input_size': list(run.val_set.size)})
     if run.master:
-        save_val_grid(run.path(f'vis_epoch{epoch:03d}.png'), run.net, run.val_set, run.cfg['tasks'],
-                      run.cfg['vis_images'], autocast(run.cfg, run.device))
+        run.save_grid(f'vis_epoch{epoch:03d}.png')
         save_curves(run.path('log.jsonl'), run.cfg['tasks'], run.path('curves.png'))
         if run.arch_optimizer:                  # what the search has found so far: --genotype= retrains it
             write_json(run.path('genotype.json'), run.net.distill.current_genotype())
@@ -576,8 +580,7 @@ def score_checkpoint(run, ckpt_path):
     if run.master:
         os.makedirs(run.cfg['out_dir'], exist_ok=True)
         write_json(run.path('eval.json'), result)
-        save_val_grid(run.path('vis_eval.png'), run.net, run.val_set, run.cfg['tasks'], run.cfg['vis_images'],
-                      autocast(run.cfg, run.device))
+        run.save_grid('vis_eval.png')
     run.say(f"{ckpt_path} on the {run.cfg['dataset']} val split (val loss {result['val_loss']:.4f}):\n"
             f"{format_metrics(result['metrics'], run.reference)}\n  delta_m: {format_delta(result['delta_m'])} "
             f"(reference: {run.reference_source})")
