@@ -115,13 +115,19 @@ def _check_arguments(dataset, root, split, tasks):
 # Cheap per-sample checks: each is a few vectorised passes over one array.
 
 
-def _read_npy(path):
+def _read(path, reader, what):
+    """reader(path); a missing file is a FileNotFoundError, an unreadable one (truncated, another format, a
+    pickled object array) a ValueError that names the file and what it should have been."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing sample file {path}")
     try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:  # truncated / not an .npy file / pickled object array
-        raise ValueError(f"cannot read {path} as a numpy .npy array: {e}") from e
+        return reader(path)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as {what}: {e}") from None
+
+
+def _read_npy(path, **options):
+    return _read(path, lambda p: np.load(p, allow_pickle=False, **options), 'a numpy .npy array')
 
 
 def _as_image(x, path):
@@ -350,10 +356,7 @@ class _MTANDataset(Dataset):
                 path = self._path(folder, i)
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"missing sample file {path} ({self.split}/image/ has {self.n} files)")
-                try:
-                    x = np.load(path, mmap_mode='r', allow_pickle=False)
-                except Exception as e:
-                    raise ValueError(f"cannot read {path} as a numpy .npy array: {e}") from None
+                x = _read_npy(path, mmap_mode='r')
                 size = size or tuple(x.shape[:2])
                 if x.dtype.kind not in 'fiub' or x.ndim not in (2, 3) or tuple(x.shape[:2]) != size:
                     raise ValueError(f"{path}: a {x.dtype} array of shape {x.shape}; expected numbers of shape "
@@ -439,26 +442,20 @@ def label_edges(label_map):
 
 def _read_mat(path, key):
     import scipy.io  # only PASCAL-Context needs scipy
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing sample file {path}")
-    try:
-        mat = scipy.io.loadmat(path)
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as a MATLAB .mat file: {e}") from e
+    mat = _read(path, scipy.io.loadmat, 'a MATLAB .mat file')
     if key not in mat:
         raise ValueError(f"{path}: expected key {key!r}, found {[k for k in mat if not k.startswith('__')]}")
     return mat[key]
 
 
-def _read_pil(path, mode=None):
+def _open_image(path, mode):
     from PIL import Image
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing sample file {path}")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode) if mode else im)
-    except Exception as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
+    with Image.open(path) as im:
+        return np.asarray(im.convert(mode) if mode else im)
+
+
+def _read_pil(path, mode=None):
+    return _read(path, lambda p: _open_image(p, mode), 'an image')
 
 
 def _check_shape(x, shape, path):

@@ -54,26 +54,26 @@ _SURFACE_STYLE = {
 _TEX = 64  # texture tile side (texels); tiles are periodic so lookups wrap around
 
 
+def _smooth_noise(rng, sigma):
+    """A periodic (64, 64) tile of Gaussian-filtered white noise (filter width sigma texels), rescaled to [0, 1]."""
+    f = np.fft.fftfreq(_TEX)
+    r2 = f[:, None] ** 2 + f[None, :] ** 2
+    x = np.fft.ifft2(np.fft.fft2(rng.standard_normal((_TEX, _TEX))) * np.exp(-2 * np.pi ** 2 * sigma ** 2 * r2)).real
+    return (x - x.min()) / (x.max() - x.min())
+
+
 @functools.lru_cache(maxsize=None)
 def _texture_bank():
     """5 periodic (64, 64) textures in [0, 1] from a fixed seed (shared by every scene and seed):
     0 paint (smooth noise), 1 planks, 2 fabric, 3 wood grain, 4 blobs."""
     rng = np.random.default_rng(20240601)
-    f = np.fft.fftfreq(_TEX)
-    r2 = f[:, None] ** 2 + f[None, :] ** 2
-
-    def smooth(sigma):  # periodic Gaussian-filtered white noise, rescaled to [0, 1]
-        x = np.fft.ifft2(np.fft.fft2(rng.standard_normal((_TEX, _TEX))) *
-                         np.exp(-2 * np.pi ** 2 * sigma ** 2 * r2)).real
-        return (x - x.min()) / (x.max() - x.min())
-
     rows, cols = np.mgrid[0:_TEX, 0:_TEX]
-    paint = smooth(4.0)
-    planks = 0.6 * rng.uniform(0.3, 1, _TEX // 8)[cols // 8] + 0.4 * smooth(1.0)
+    paint = _smooth_noise(rng, 4.0)
+    planks = 0.6 * rng.uniform(0.3, 1, _TEX // 8)[cols // 8] + 0.4 * _smooth_noise(rng, 1.0)
     planks[:, ::8] *= 0.4                      # dark seams between planks
-    fabric = 0.5 * smooth(0.7) + 0.25 * (1 + np.sin(rows * np.pi / 2) * np.sin(cols * np.pi / 2))
-    grain = 0.5 + 0.5 * np.sin(2 * np.pi * rows / 16 + 6 * smooth(6.0))
-    blobs = smooth(5.0)
+    fabric = 0.5 * _smooth_noise(rng, 0.7) + 0.25 * (1 + np.sin(rows * np.pi / 2) * np.sin(cols * np.pi / 2))
+    grain = 0.5 + 0.5 * np.sin(2 * np.pi * rows / 16 + 6 * _smooth_noise(rng, 6.0))
+    blobs = _smooth_noise(rng, 5.0)
     bank = np.stack([paint, planks, fabric, grain, blobs]).astype(np.float32)
     return (bank - bank.min(axis=(1, 2), keepdims=True)) / np.ptp(bank, axis=(1, 2), keepdims=True)
 

@@ -20,6 +20,7 @@ Beside this loop: config.py (argparse over the defaults), ddp.py (processes, syn
 stopping together), checkpoint.py (the run's files, resume, the delta_m reference), vis.py (the pictures).
 """
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -101,10 +102,9 @@ sync_bn = True                # DDP: BatchNorm statistics over the global batch,
 # ---------------------------------------------------------------------------------- end of defaults
 DEFAULTS = {k: v for k, v in globals().items() if k not in _names_before_defaults | {'_names_before_defaults'}}
 
-SCHEDULERS = ('cosine', 'cosine_restarts', 'none')
 CHOICES = {'dataset': tuple(DATASETS), 'model': MODEL_NAMES, 'backbone': BACKBONES, 'ctal_impl': IMPLS,
            'ctal_fusion': FUSIONS, 'pap_affinity': PAP_AFFINITIES, 'fpm_softmax': FPM_SOFTMAXES,
-           'scheduler': SCHEDULERS, 'normals_loss': NORMALS_LOSSES}
+           'scheduler': ('cosine', 'cosine_restarts', 'none'), 'normals_loss': NORMALS_LOSSES}
 AT_LEAST = {'epochs': 1, 'batch_size': 1, 'eval_interval': 1, 'log_interval': 1, 'n_train': 1, 'n_val': 1,
             'restart_mult': 1, 'max_iters': 0, 'vis_images': 0, 'grad_clip': 0, 'weight_decay': 0,
             'num_workers': 0, 'seed': 0, 'synthetic_seed': 0}
@@ -338,7 +338,7 @@ class Run:
         self.progress = {'epoch': 0, 'batches_done': 0, 'step': 0, 'best': None, 'last': None, 'seconds': 0.0,
                          'log_bytes': 0}
         self.steps_per_epoch = len(epoch_batches(len(train_set), 0, cfg, rank, world))
-        self.timing = {'steps': 0, 'step_s': 0.0, 'evals': 0, 'eval_s': 0.0, 'start': time.time(), 'before': 0.0}
+        self.timing = {'start': time.time(), 'before': 0.0, 'first_step': 0}
 
     def path(self, name):
         return os.path.join(self.cfg['out_dir'], name)
@@ -370,7 +370,7 @@ class Run:
             self.arch_optimizer.load_state_dict(ckpt['arch_optimizer'])
         self.scheduler.load_state_dict(ckpt['scheduler'])
         self.progress = ckpt['progress']
-        self.timing['before'] = self.progress['seconds']
+        self.timing['before'], self.timing['first_step'] = self.progress['seconds'], self.progress['step']
         set_rng_state(ckpt['rng'], self.device)
         if self.master:
             cut_log(self.path('log.jsonl'), self.progress['log_bytes'])
@@ -434,15 +434,16 @@ def next_batch(it, stop, device):
 
 
 def log_window(run, epoch, i, window):
-    cfg, t = run.cfg, run.timing
+    """A log line, and a log.jsonl record, of the steps in `window`. The ETA spreads the time this process has
+    run (evaluations included) over the steps it has done."""
+    cfg, t, step = run.cfg, run.timing, run.progress['step']
     n, dt = len(window), time.time() - t['window_start']
-    evals_left = sum(e % cfg['eval_interval'] == 0 or e == cfg['epochs'] for e in range(epoch + 1, cfg['epochs'] + 1))
-    left = run.steps_per_epoch * cfg['epochs'] - (epoch * run.steps_per_epoch + i + 1)
+    left = run.steps_per_epoch * cfg['epochs'] - step
     losses = {task: sum(w[task] for w in window) / n for task in cfg['tasks']}
-    record = {'type': 'train', 'epoch': epoch, 'iter': i + 1, 'step': run.progress['step'],
+    record = {'type': 'train', 'epoch': epoch, 'iter': i + 1, 'step': step,
               'loss': sum(sum(cfg['loss_weights'][task] * w[task] for task in w) for w in window) / n, 'losses': losses,
               'lr': run.optimizer.param_groups[0]['lr'], 'img_per_s': n * cfg['batch_size'] / max(dt, 1e-9),
-              'eta_s': left * t['step_s'] / max(1, t['steps']) + evals_left * t['eval_s'] / max(1, t['evals'])}
+              'eta_s': left * (time.time() - t['start']) / max(1, step - t['first_step'])}
     run.log(record)
     run.say(f"epoch {epoch + 1}/{cfg['epochs']} step {i + 1}/{run.steps_per_epoch} | loss {record['loss']:.4f} ("
             + ', '.join(f"{task} {v:.4f}" for task, v in losses.items()) + f") | lr {record['lr']:.2e} | "
@@ -460,11 +461,8 @@ def train_one_epoch(run, epoch, stop):
     for i in range(p['batches_done'], run.steps_per_epoch):
         if stop.agreed(run.device):       # before the forward: it would already move BatchNorm statistics
             raise Interrupted
-        t0 = time.time()
         window.append(train_step(run, next_batch(it, stop, run.device)))
         p['batches_done'], p['step'] = i + 1, p['step'] + 1
-        run.timing['steps'] += 1
-        run.timing['step_s'] += time.time() - t0
         if len(window) == cfg['log_interval'] or i + 1 == run.steps_per_epoch:
             log_window(run, epoch, i, window)
             window = []
@@ -490,8 +488,6 @@ def evaluate_run(run, epoch):
         save_curves(run.path('log.jsonl'), run.cfg['tasks'], run.path('curves.png'))
         if run.arch_optimizer:                  # what the search has found so far: --genotype= retrains it
             write_json(run.path('genotype.json'), run.net.distill.current_genotype())
-    run.timing['evals'] += 1
-    run.timing['eval_s'] += time.time() - t0
     run.say(f"eval epoch {epoch}: val loss {record['val_loss']:.4f}, delta_m {format_delta(record['delta_m'])} "
             f"({time.time() - t0:.1f} s)\n{format_metrics(record['metrics'], run.reference)}")
 
@@ -523,13 +519,9 @@ def train(run):
 # ------------------------------------------------------------------------------------------ main
 
 def build_net(cfg, size, device):
-    net = build_model(cfg['model'], task_channels(cfg), size,
-                      backbone=cfg['backbone'], scale=cfg['scale'], gamma=cfg['gamma'], ctal_impl=cfg['ctal_impl'],
-                      ctal_fusion=cfg['ctal_fusion'], pretrained=cfg['pretrained'], pap_iters=cfg['pap_iters'],
-                      pap_affinity=cfg['pap_affinity'], fpm_softmax=cfg['fpm_softmax'],
-                      hrnet_bn_momentum=cfg['hrnet_bn_momentum'], genotype=cfg['genotype'],
-                      atrc_search=cfg['atrc_search'])
-    return net.to(device)
+    """model.build_model's options are config keys of the same names."""
+    options = inspect.signature(build_model).parameters.keys() - {'name', 'tasks', 'img_size'}
+    return build_model(cfg['model'], task_channels(cfg), size, **{k: cfg[k] for k in options}).to(device)
 
 
 def setup(cfg):
