@@ -289,8 +289,9 @@ def evaluate(net, val_set, cfg, device, rank, world):
         with autocast(cfg, device):
             out = net(batch['image'])
         for t in cfg['tasks']:
-            meters[t].update(out[t].float(), batch[t])
-            loss_sum[0] += cfg['loss_weights'][t] * float(task_loss(t, out[t].float(), batch[t], cfg['normals_loss'])) \
+            pred = out[t].float()                                     # bf16 autocast: meters and loss in float32
+            meters[t].update(pred, batch[t])
+            loss_sum[0] += cfg['loss_weights'][t] * float(task_loss(t, pred, batch[t], cfg['normals_loss'])) \
                 * len(batch['image'])
         loss_sum[1] += len(batch['image'])
     for m in meters.values():
