@@ -454,6 +454,11 @@ def test_pascal_errors_name_the_file(pascal):
     scipy.io.savemat(os.path.join(root, 'human_parts', '2008_000001.mat'), {'annotation': 1})
     with pytest.raises(ValueError, match="'anno'"):
         data.PASCALContext(root, tasks=('human_parts',), size=48)[0]
+    for path, what in (('human_parts/2008_000001.mat', 'a MATLAB .mat file'), ('JPEGImages/2008_000001.jpg', 'an image')):
+        with open(os.path.join(root, path), 'wb') as f:
+            f.write(b'not a file of that format')
+        with pytest.raises(ValueError, match=f"cannot read .*{path} as {what}: "):
+            data.PASCALContext(root, tasks=('human_parts',), size=48)[0]
 
 
 def test_label_edges_match_the_previous_hand_written_thinning():
