@@ -433,14 +433,20 @@ class LinearDiffusion(torch.autograd.Function):
         return grad_f, grad_v, grad_w, grad_b.t().reshape(bias.shape)
 
 
+def _padded_maps(f_hat, v, size, k):
+    """The `_Shifts` of one image's maps, f̂ on its extended layout (TC, L + 2 margin) and V zero-padded (TC, L):
+    the operands of K_d = V S_d^T, S_d = shifts.shifted(f̂_ext, d)."""
+    T, C, _ = f_hat.shape
+    shifts = _Shifts(size, k)
+    return shifts, shifts.pad(f_hat.reshape(T * C, *size), shifts.margin), shifts.pad(v.reshape(T * C, *size))
+
+
 def _linear_forward(f_hat, v, weight, size, acc):
     """The K_d = V S_d^T (k*k, T*C, T*C) and D = sum_d K_d Z_d (T, C, HW) of one image (no bias term).
     f_hat, v: (T, C, HW); `acc` the dtype D is summed in."""
     T, C, hw = f_hat.shape
     m = weight.shape[0] // hw
-    shifts = _Shifts(size, weight.shape[-1])
-    f_ext = shifts.pad(f_hat.reshape(T * C, *size), shifts.margin)     # (TC, L + 2 margin)
-    v_pad = shifts.pad(v.reshape(T * C, *size))                        # (TC, L), zero on the ring
+    shifts, f_ext, v_pad = _padded_maps(f_hat, v, size, weight.shape[-1])
     kmats = torch.stack([v_pad @ shifts.shifted(f_ext, d).t() for d in range(len(shifts.offsets))])
     d_out = f_hat.new_zeros(m, T * C // m, hw, dtype=acc)             # D_t = sum_d K_d,t Z_d,t (m = T) or D
     for d, kmat in enumerate(kmats):
@@ -454,9 +460,7 @@ def _linear_backward(grad_d, f_hat, v, weight, kmats, size, acc):
     grad_d, f_hat, v: (T, C, HW). Every temporary has the size of f̂ (Z_d, dL/dZ_d) or of K_d."""
     T, C, hw = f_hat.shape
     m, k = weight.shape[0] // hw, weight.shape[-1]
-    shifts = _Shifts(size, k)
-    f_ext = shifts.pad(f_hat.reshape(T * C, *size), shifts.margin)
-    v_pad = shifts.pad(v.reshape(T * C, *size))
+    shifts, f_ext, v_pad = _padded_maps(f_hat, v, size, k)
     grad_f_ext = torch.zeros_like(f_ext, dtype=acc)                   # dL/d(padded f̂), all offsets
     grad_v_pad = torch.zeros_like(v_pad, dtype=acc)
     grad_f = torch.zeros_like(f_hat, dtype=acc)                       # through Z

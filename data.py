@@ -115,19 +115,20 @@ def _check_arguments(dataset, root, split, tasks):
 # Cheap per-sample checks: each is a few vectorised passes over one array.
 
 
-def _read(path, reader, what):
-    """reader(path); a missing file is a FileNotFoundError, an unreadable one (truncated, another format, a
-    pickled object array) a ValueError that names the file and what it should have been."""
+def _read(path, reader, what, context=''):
+    """reader(path); a missing file is a FileNotFoundError (`context` appended to its message), an unreadable
+    one (truncated, another format, a pickled object array) a ValueError that names the file and what it
+    should have been."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing sample file {path}")
+        raise FileNotFoundError(f"missing sample file {path}{context}")
     try:
         return reader(path)
     except Exception as e:
         raise ValueError(f"cannot read {path} as {what}: {e}") from None
 
 
-def _read_npy(path, **options):
-    return _read(path, lambda p: np.load(p, allow_pickle=False, **options), 'a numpy .npy array')
+def _read_npy(path, context='', **options):
+    return _read(path, lambda p: np.load(p, allow_pickle=False, **options), 'a numpy .npy array', context)
 
 
 def _as_image(x, path):
@@ -354,9 +355,7 @@ class _MTANDataset(Dataset):
         for i in range(self.n):
             for folder in ['image'] + [self.folders[t] for t in self.tasks]:
                 path = self._path(folder, i)
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"missing sample file {path} ({self.split}/image/ has {self.n} files)")
-                x = _read_npy(path, mmap_mode='r')
+                x = _read_npy(path, f" ({self.split}/image/ has {self.n} files)", mmap_mode='r')
                 size = size or tuple(x.shape[:2])
                 if x.dtype.kind not in 'fiub' or x.ndim not in (2, 3) or tuple(x.shape[:2]) != size:
                     raise ValueError(f"{path}: a {x.dtype} array of shape {x.shape}; expected numbers of shape "
@@ -511,6 +510,14 @@ def _normals_valid_classes(root):
     return np.array(sorted(int(context[n]) for n in nyu if n in context and n != 'unknown'), dtype=np.int64)
 
 
+def shrunk_to_fit(shape, size):
+    """The (h, w) an image of `shape` (h, w) takes in PASCALContext's canvas of `size` (H, W): scaled by
+    s = min(1, H / h, W / w), so only an image larger than the canvas shrinks, aspect kept."""
+    (h, w), (H, W) = shape, size
+    s = min(1.0, H / h, W / w)
+    return round(h * s), round(w * s)
+
+
 class PASCALContext(Dataset):
     """PASCAL-Context multitask (PASCAL_MT). Training samples (augment=True) go through the authors'
     augmentation (`pascal_augment`: scale, pad, crop to `size`, flip, photometric distortion). Otherwise
@@ -583,11 +590,10 @@ class PASCALContext(Dataset):
 
     def _to_size(self, sample):
         """Resize (only if larger than self.size) then pad bottom/right to self.size."""
-        H, W = self.size
-        h, w = sample['image'].shape[-2:]
-        s = min(1.0, H / h, W / w)
-        if s < 1.0:
-            sample = resize_sample(sample, (round(h * s), round(w * s)), antialias=True)
+        shape = tuple(sample['image'].shape[-2:])
+        fitted = shrunk_to_fit(shape, self.size)
+        if fitted != shape:
+            sample = resize_sample(sample, fitted, antialias=True)
         return pad_sample(sample, self.size)
 
     def __getitem__(self, i):
@@ -604,10 +610,8 @@ def restore_size(pred, orig_size, size=DATASETS['pascal']['size']):
     """Map a PASCALContext-sized prediction (..., size_h, size_w) back to the original (h, w):
     undo the padding, and (bilinearly: pass logits, not class maps) the resize when the image was
     larger than `size`. Images of the PASCAL_MT release (at most 500 px) are only padded at 512."""
-    H, W = (size, size) if isinstance(size, int) else size
     h, w = orig_size
-    s = min(1.0, H / h, W / w)
-    nh, nw = round(h * s), round(w * s)
+    nh, nw = shrunk_to_fit((h, w), (size, size) if isinstance(size, int) else size)
     pred = pred[..., :nh, :nw]
     if (nh, nw) != (h, w):
         shape = pred.shape

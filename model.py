@@ -259,9 +259,14 @@ def make_backbone(backbone, img_size, pretrained):
 # ----------------------------------------------------------------------------------------------------
 # blocks and heads
 
+def concat_scales(xs):
+    """The backbone's maps upsampled to the first (1/4) one and concatenated: (B, sum c = 270, H/4, W/4)."""
+    return torch.cat([resize(x, xs[0].shape[-2:]) for x in xs], 1)
+
+
 class Fuse(nn.Module):
     """Cross-scale fusion (HRNet's segmentation head, MTI-Net's aggregation, EMA-Net's CSF block):
-    upsample the 4 maps to the first (1/4) one, concat (sum c = 270), Conv1x1 270 -> 270 (bias), BN, ReLU.
+    `concat_scales` (sum c = 270), Conv1x1 270 -> 270 (bias), BN, ReLU.
     """
 
     def __init__(self, channels=HRNET_CHANNELS):
@@ -270,8 +275,7 @@ class Fuse(nn.Module):
         self.mix = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
 
     def forward(self, xs):
-        size = xs[0].shape[-2:]
-        return self.mix(torch.cat([resize(x, size) for x in xs], 1))  # (B, 270, H/4, W/4)
+        return self.mix(concat_scales(xs))                              # (B, 270, H/4, W/4)
 
 
 class HRHead(nn.Module):
@@ -622,7 +626,7 @@ class ATRC(MultiTaskModel):
     def forward(self, x):
         self.check_input(x)
         xs = self.backbone(x)
-        shared = xs if torch.is_tensor(xs) else torch.cat([xs[0]] + [resize(f, xs[0].shape[-2:]) for f in xs[1:]], 1)
+        shared = xs if torch.is_tensor(xs) else concat_scales(xs)
         inputs, initial = {t: shared for t in self.tasks}, {}          # (B, 270, H/4, W/4) or (B, 768, H/32, W/32)
         if self.front is not None:
             feats, preds = self.front(xs)

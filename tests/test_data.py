@@ -177,7 +177,8 @@ def test_missing_root_split_and_sample_errors(nyu, tmp_path):
     # every file of the split is checked when the dataset is built, from the .npy headers
     missing = os.path.join(root, 'train', 'depth', '2.npy')
     os.rename(missing, missing + '.bak')
-    with pytest.raises(FileNotFoundError, match=missing):
+    n = len(os.listdir(os.path.join(root, 'train', 'image')))
+    with pytest.raises(FileNotFoundError, match=rf"missing sample file {missing} \(train/image/ has {n} files\)"):
         data.NYUv2(root, 'train')
     with pytest.raises(FileNotFoundError, match=missing):      # also once the dataset exists
         ds[2]
