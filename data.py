@@ -5,7 +5,8 @@ Data flow: files on disk -> numpy arrays (cast to one dtype per task, checked ag
 format) -> torch tensors in the task conventions below -> optional train-time augmentation (global
 torch RNG, so `torch.manual_seed` + a seeded DataLoader reproduce every batch) -> one dict per sample:
 
-    'image'                   float32 (3, H, W) in [0, 1] (no mean/std normalisation here)
+    'image'                   float32 (3, H, W) in [0, 1] (where the authors normalise by a mean / std, the
+                              model does: DATASETS[name]['image_norm'])
     'semseg', 'human_parts'   int64 (H, W), 255 = ignore
     'depth'                   float32 (1, H, W), 0 = invalid
     'normals'                 float32 (3, H, W), all-zero vector = invalid
@@ -29,10 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+# ImageNet's mean and std per RGB channel, on [0, 1] images: the PASCAL-Context pipelines of the CTAL authors'
+# transformer code and of ATRC normalise every image by them (the models do it: model.InputNorm).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # The facts of each dataset, read by train.py, profile.py and the tests: its tasks in canonical order ->
 # output channels; the input size (H, W) and backbone of the papers (CTAL paper Sec. 3.1; synthetic:
 # synthetic.py's default); validation images; the loss weights of the authors' code (each config file
-# repeats its own, so a recipe reads complete; PASCAL semseg is 2.0 for CTAL, 1.0 for the other models).
+# repeats its own, so a recipe reads complete; PASCAL semseg is 2.0 for CTAL, 1.0 for the other models);
+# image_norm: the (mean, std) the model normalises its input by, where the authors' pipeline does.
 DATASETS = {
     'nyuv2': dict(tasks={'semseg': 13, 'depth': 1, 'normals': 3}, size=(288, 384), val_images=654,
                   backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}),
@@ -41,7 +47,7 @@ DATASETS = {
     'pascal': dict(tasks={'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1},
                    size=(512, 512), val_images=5105, backbone='swinv2_s',
                    loss_weights={'semseg': 2.0, 'human_parts': 2.0, 'saliency': 5.0, 'edge': 50.0,
-                                 'normals': 10.0}),
+                                 'normals': 10.0}, image_norm=(IMAGENET_MEAN, IMAGENET_STD)),
     'synthetic': dict(tasks={'semseg': 13, 'depth': 1, 'normals': 3}, size=(96, 128), val_images=100,
                       backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}),
 }
@@ -229,15 +235,19 @@ def crop_sample(sample, top, left, size):
 
 
 def _placed(v, size, top, left, fill):
-    canvas = torch.full((*v.shape[:-2], *size), fill, dtype=v.dtype)   # (F.pad: ~50x slower on int64 maps)
+    # (F.pad: ~50x slower on int64 maps); fill: a number, or one per channel of v (C, h, w)
+    fill = torch.as_tensor(fill, dtype=v.dtype)
+    canvas = (fill.view(-1, 1, 1) if fill.dim() else fill).expand(*v.shape[:-2], *size).clone()
     canvas[..., top:top + v.shape[-2], left:left + v.shape[-1]] = v
     return canvas
 
 
-def pad_sample(sample, size, top=0, left=0):
+def pad_sample(sample, size, top=0, left=0, image_fill=0.0):
     """Every map of a sample placed at (top, left) on a canvas of `size` (h, w) that holds 'no value': 0 for
-    the image and the normals (zero vector = invalid), the ignore value for every other target."""
-    return _maps(sample, lambda key, v: _placed(v, size, top, left, 0 if key in ('image', 'normals') else IGNORE))
+    depth and the normals (0 / the zero vector = invalid), the ignore value for every other target; the
+    image on `image_fill` (a grey level, or an RGB colour)."""
+    fills = {'image': image_fill, 'depth': 0.0, 'normals': 0.0}
+    return _maps(sample, lambda key, v: _placed(v, size, top, left, fills.get(key, IGNORE)))
 
 
 def scale_crop(sample, scale, top, left):
@@ -257,31 +267,52 @@ def scale_crop(sample, scale, top, left):
     return out
 
 
-PASCAL_SCALE_RANGE = (0.5, 2.0)      # the authors' PASCAL training augmentation (ATRC's, reused by CTAL)
+# The PASCAL-Context pipeline of the authors' transformer code (code_transformer/config.py
+# get_transformations and data/transforms.py, ATRC's pipeline reused: brdav/atrc src/data/pl_data.py).
+PASCAL_SCALE_RANGE = (0.5, 2.0)      # random scale U(0.5, 2)
+PASCAL_CAT_MAX_RATIO = 0.75          # crop redrawn while one class covers >= 75 % of its labelled pixels ...
+PASCAL_CROP_REDRAWS = 10             # ... at most 10 times; the 11th window is kept unchecked
 PASCAL_BRIGHTNESS = 32 / 255         # photometric distortion on [0, 1] images (theirs: 32 on 0..255)
 PASCAL_CONTRAST = (0.5, 1.5)
 PASCAL_SATURATION = (0.5, 1.5)
-PASCAL_HUE = 18 / 180                # OpenCV hue units (0..180) -> turns
+PASCAL_HUE_STEPS = (-18, 17)         # hue shift: an integer number of OpenCV hue units (2 degrees), inclusive
 
 
 def _uniform(low, high):
     return low + (high - low) * float(torch.rand(()))
 
 
-def photometric_distortion(image):
-    """The authors' PhotoMetricDistortion on a (3, H, W) image in [0, 1]: each step with probability 1/2:
-    brightness +U(-32, 32)/255, contrast x U(0.5, 1.5) (first or last, coin flip), saturation x U(0.5, 1.5),
-    hue + U(-18, 18)/180 turn; clipped to [0, 1] after each step. Saturation and hue use torchvision's
-    adjust_saturation (a blend with the grey image) and adjust_hue (an HSV hue shift) where the authors
-    use OpenCV's HSV (S scaled) with uint8 rounding; see the README's Fidelity table."""
+def adjust_hsv_saturation(image, factor):
+    """HSV saturation (OpenCV's colour model) scaled by `factor` and clipped to 1, hue and value kept, on a
+    (3, H, W) image in [0, 1]. Every channel of an HSV colour is c = V (1 - S g(H)), so S -> S' moves each
+    channel to V - (V - c) S'/S, with S'/S = min(factor, 1 / S) and S = (V - min) / V."""
+    v, low = image.amax(0), image.amin(0)                                  # (H, W)
+    spread = v - low
+    ratio = torch.where(spread > 0, torch.minimum(torch.full_like(v, factor), v / spread.clamp(min=1e-12)),
+                        torch.zeros_like(v))                               # grey (S = 0): unchanged
+    return v - (v - image) * ratio
+
+
+def shift_hue(image, steps):
+    """The HSV hue of a (3, H, W) image in [0, 1] turned by `steps` OpenCV hue units of 2 degrees (their
+    (H + k) % 180 on OpenCV's 0..180 hue), saturation and value kept (torchvision's HSV hue shift)."""
     from torchvision.transforms.v2 import functional as TF
+    return TF.adjust_hue(image, steps / 180)
+
+
+def photometric_distortion(image):
+    """The authors' PhotoMetricDistortion on a (3, H, W) image in [0, 1], each step with probability 1/2:
+    brightness + U(-32, 32) / 255; contrast x U(0.5, 1.5) (first or last, a coin flip); HSV saturation
+    x U(0.5, 1.5); hue + k x 2 degrees, k an integer in [-18, 17]; clipped to [0, 1] after each step. Their
+    colour model (OpenCV's HSV) in float arithmetic: their uint8 rounding between the steps is left out
+    (README Fidelity table)."""
     if float(torch.rand(())) < 0.5:
         image = (image + _uniform(-PASCAL_BRIGHTNESS, PASCAL_BRIGHTNESS)).clamp(0, 1)
     contrast_first = float(torch.rand(())) < 0.5
     steps = [
         lambda x: (x * _uniform(*PASCAL_CONTRAST)).clamp(0, 1),          # their contrast: a plain gain
-        lambda x: TF.adjust_saturation(x, _uniform(*PASCAL_SATURATION)).clamp(0, 1),
-        lambda x: TF.adjust_hue(x, _uniform(-PASCAL_HUE, PASCAL_HUE)),
+        lambda x: adjust_hsv_saturation(x, _uniform(*PASCAL_SATURATION)).clamp(0, 1),
+        lambda x: shift_hue(x, int(torch.randint(PASCAL_HUE_STEPS[0], PASCAL_HUE_STEPS[1] + 1, ()))),
     ]
     order = steps if contrast_first else steps[1:] + steps[:1]
     for step in order:
@@ -290,23 +321,54 @@ def photometric_distortion(image):
     return image
 
 
+def _crop_window(shape, size):
+    """A random (top, left): uniform over the windows of `size` inside `shape` (0 where it does not fit)."""
+    return tuple(int(torch.randint(max(n - s, 0) + 1, ())) for n, s in zip(shape, size))
+
+
+def classes_are_varied(semseg, max_ratio=PASCAL_CAT_MAX_RATIO):
+    """Their crop test: more than one labelled class, and none covering >= max_ratio of the labelled pixels."""
+    counts = torch.bincount(semseg[semseg != IGNORE].flatten())
+    counts = counts[counts > 0]
+    return len(counts) > 1 and int(counts.max()) / int(counts.sum()) < max_ratio
+
+
+def random_crop(sample, size):
+    """Their RandomCrop(cat_max_ratio=0.75): a random window of `size`, cut to the image where the image is
+    smaller; while its semseg is not `classes_are_varied`, redrawn up to PASCAL_CROP_REDRAWS times (without a
+    semseg task, the first window)."""
+    shape = tuple(sample['image'].shape[-2:])
+    top, left = _crop_window(shape, size)
+    if 'semseg' in sample:
+        for _ in range(PASCAL_CROP_REDRAWS):
+            if classes_are_varied(sample['semseg'][top:top + size[0], left:left + size[1]]):
+                break
+            top, left = _crop_window(shape, size)
+    return crop_sample(sample, top, left, size)
+
+
+def pad_centred(sample, size):
+    """Every map placed in the middle of a canvas of `size` (their PadImage: top (H - h) // 2, left
+    (W - w) // 2), the image on the ImageNet mean colour (0 once normalised)."""
+    (H, W), (h, w) = size, sample['image'].shape[-2:]
+    return pad_sample(sample, size, (H - h) // 2, (W - w) // 2, image_fill=IMAGENET_MEAN)
+
+
 def pascal_augment(sample, size):
-    """The authors' PASCAL-Context training augmentation (CTAL code_transformer, from ATRC) on a sample
-    at its original size: random scale U(0.5, 2) (image bilinear, labels nearest), pad to at least `size`
-    centred (ignore / zero normals; image 0), random crop `size`, horizontal flip with p = 1/2, then the
-    photometric distortion. Returns a sample of exactly `size` (H, W)."""
-    H, W = size
+    """The authors' PASCAL-Context training augmentation on a sample at its original size, in their order:
+    random scale U(0.5, 2) (image bilinear, targets nearest; depth / scale), a random crop of at most `size`
+    (`random_crop`: redrawn while one class dominates), horizontal flip with p = 1/2, the photometric
+    distortion, then the centred pad to exactly `size` (the normalisation follows in the model)."""
     h, w = sample['image'].shape[-2:]
     s = _uniform(*PASCAL_SCALE_RANGE)
-    nh, nw = int(h * s), int(w * s)
-    ph, pw = max(H - nh, 0), max(W - nw, 0)
-    top, left = int(torch.randint(max(nh - H, 0) + 1, ())), int(torch.randint(max(nw - W, 0) + 1, ()))
-    out = pad_sample(resize_sample(sample, (nh, nw)), (nh + ph, nw + pw), ph // 2, pw // 2)
-    out = crop_sample(out, top, left, size)
+    out = resize_sample(sample, (int(h * s), int(w * s)))
+    if 'depth' in out:
+        out['depth'] = out['depth'] / s
+    out = random_crop(out, size)
     if float(torch.rand(())) < 0.5:
         out = hflip(out)
     out['image'] = photometric_distortion(out['image'])
-    return out
+    return pad_centred(out, size)
 
 
 def random_augment(sample, use_scale_crop):
@@ -464,23 +526,18 @@ def _check_shape(x, shape, path):
 
 
 def human_parts_target(anno, shape, path='<anno>'):
-    """PASCAL-Part annotation (the 'anno' struct of human_parts/<id>.mat) -> (h, w) int64 part map.
-    Background is 0 wherever some person of the image has part masks; an image without one is all
-    ignore (the releases' rule). A person annotated without parts is ignored too (the releases label
-    it background, which would teach 'no parts here' on a person)."""
+    """PASCAL-Part annotation (the 'anno' struct of human_parts/<id>.mat) -> (h, w) int64 part map, as the
+    releases' loader builds it: 0 (background) everywhere, then each person's part masks in turn (a later
+    person overwrites an earlier one). A person annotated without parts writes nothing: background. Where no
+    person has parts the map stays all 0, which `ignore_partless` then turns into all ignore."""
     target = np.zeros(shape, dtype=np.int64)
-    has_parts = False
     try:
         objects = anno[0, 0]['objects']
         objects = objects.reshape(-1) if objects.size else []
         for obj in objects:
-            if int(np.asarray(obj['class_ind']).reshape(-1)[0]) != PASCAL_PERSON:
+            if int(np.asarray(obj['class_ind']).reshape(-1)[0]) != PASCAL_PERSON or obj['parts'].size == 0:
                 continue
-            parts = obj['parts']
-            if parts.size == 0:
-                target[np.asarray(obj['mask']).astype(bool)] = IGNORE
-                continue
-            for part in parts.reshape(-1):
+            for part in obj['parts'].reshape(-1):
                 name = str(np.asarray(part['part_name']).reshape(-1)[0])
                 if name not in PASCAL_PARTS:
                     raise ValueError(f"unknown part name {name!r} (known: {sorted(PASCAL_PARTS)})")
@@ -488,26 +545,31 @@ def human_parts_target(anno, shape, path='<anno>'):
                 if m.shape != tuple(shape):
                     raise ValueError(f"part mask is {m.shape}, image is {tuple(shape)}")
                 target[m] = PASCAL_PARTS[name]
-                has_parts = True
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise ValueError(f"{path}: not a PASCAL-Part annotation (anno.objects[i].class_ind / mask / "
                          f"parts[j].part_name / mask): {e}") from e
-    if not has_parts:
-        target[:] = IGNORE
     return target
+
+
+def ignore_partless(parts):
+    """Their AddIgnoreRegions, after the crop and pad: a part map holding only background and ignore (no
+    person with parts in view) is all ignore, so that images without people do not teach 'background'."""
+    return torch.full_like(parts, IGNORE) if bool(((parts == 0) | (parts == IGNORE)).all()) else parts
 
 
 def _normals_valid_classes(root):
     """LabelMap classes where the distilled normals count as ground truth: the normals were distilled from
     a model trained on NYUv2, so the releases keep a pixel's normal only if its PASCAL-Context class name
-    is also an NYUv2 class name (json/nyu_classes.json, minus 'unknown')."""
+    is also an NYUv2 class name (json/nyu_classes.json, minus 'unknown'), plus 'tvmonitor', which every
+    loader of this lineage (MTI-Net's, ATRC's, the CTAL authors') appends."""
     names = [os.path.join(root, 'json', f) for f in ('nyu_classes.json', 'context_classes.json')]
     if not all(os.path.isfile(f) for f in names):
         raise _missing_data_error('pascal', root, "json/nyu_classes.json and json/context_classes.json (the "
                                                   "class lists that decide where the normals are valid)")
     with open(names[0]) as f, open(names[1]) as g:
         nyu, context = json.load(f), json.load(g)                    # [name], {name: LabelMap index}
-    return np.array(sorted(int(context[n]) for n in nyu if n in context and n != 'unknown'), dtype=np.int64)
+    valid = {int(context[n]) for n in nyu + ['tvmonitor'] if n in context and n != 'unknown'}
+    return np.array(sorted(valid), dtype=np.int64)
 
 
 def shrunk_to_fit(shape, size):
@@ -518,13 +580,25 @@ def shrunk_to_fit(shape, size):
     return round(h * s), round(w * s)
 
 
+def fit_to_canvas(sample, size):
+    """The evaluation input of PASCAL-Context: a sample at its original size, resized only if larger than
+    `size` (`shrunk_to_fit`, aspect kept), then padded centred to `size` (`pad_centred`, as the authors'
+    PadImage). `restore_size` undoes it."""
+    shape = tuple(sample['image'].shape[-2:])
+    fitted = shrunk_to_fit(shape, size)
+    if fitted != shape:
+        sample = resize_sample(sample, fitted, antialias=True)
+    return pad_centred(sample, size)
+
+
 class PASCALContext(Dataset):
-    """PASCAL-Context multitask (PASCAL_MT). Training samples (augment=True) go through the authors'
-    augmentation (`pascal_augment`: scale, pad, crop to `size`, flip, photometric distortion). Otherwise
-    images (at most 500 px a side) are padded at the bottom and right to `size` (int or (h, w)); ignore
-    values fill the padding. An image larger than `size` is first resized (longer side fits, aspect kept).
-    To map a prediction back to the original image, crop its top-left round(h*s) x round(w*s),
-    s = min(1, size_h/h, size_w/w), and resize that to (h, w) = sample['meta']['size'] (`restore_size`)."""
+    """PASCAL-Context multitask (PASCAL_MT), read as the authors' loader reads it. Training samples
+    (augment=True) go through their augmentation (`pascal_augment`: scale, crop, flip, photometric
+    distortion, centred pad to `size`). Otherwise images (at most 500 px a side) are padded centred to
+    `size` (int or (h, w)) on the ImageNet mean colour, targets with 'no value' (`fit_to_canvas`; an image
+    larger than `size` is first resized, aspect kept). `restore_size` maps a prediction back to the original
+    image (h, w) = sample['meta']['size']. The images stay in [0, 1]: the model normalises them
+    (DATASETS['pascal']['image_norm'])."""
     name = 'pascal'
     # where each entry of a sample is read from (the first pattern that exists); 'context' is the
     # 459-class LabelMap: the edges are computed from it and it masks the normals
@@ -588,36 +662,49 @@ class PASCALContext(Dataset):
             out[task] = _check_shape(x, shape, path)
         return out, shape
 
-    def _to_size(self, sample):
-        """Resize (only if larger than self.size) then pad bottom/right to self.size."""
-        shape = tuple(sample['image'].shape[-2:])
-        fitted = shrunk_to_fit(shape, self.size)
-        if fitted != shape:
-            sample = resize_sample(sample, fitted, antialias=True)
-        return pad_sample(sample, self.size)
-
     def __getitem__(self, i):
         if not 0 <= i < len(self.ids):
             raise IndexError(f"pascal {self.split}: index {i} out of range 0..{len(self.ids) - 1}")
         arrays, shape = self._load(i)
         sample = {key: torch.from_numpy(x) if x.ndim == 2 else _chw(x) for key, x in arrays.items()}
-        sample = pascal_augment(sample, self.size) if self.augment else self._to_size(sample)
+        sample = pascal_augment(sample, self.size) if self.augment else fit_to_canvas(sample, self.size)
+        if 'human_parts' in sample:
+            sample['human_parts'] = ignore_partless(sample['human_parts'])
         sample['meta'] = {'id': self.ids[i], 'size': tuple(int(v) for v in shape)}
         return sample
 
 
 def restore_size(pred, orig_size, size=DATASETS['pascal']['size']):
-    """Map a PASCALContext-sized prediction (..., size_h, size_w) back to the original (h, w):
-    undo the padding, and (bilinearly: pass logits, not class maps) the resize when the image was
-    larger than `size`. Images of the PASCAL_MT release (at most 500 px) are only padded at 512."""
-    h, w = orig_size
-    nh, nw = shrunk_to_fit((h, w), (size, size) if isinstance(size, int) else size)
-    pred = pred[..., :nh, :nw]
+    """Map a prediction (..., size_h, size_w) on `fit_to_canvas`'s canvas back to the original (h, w): cut out
+    the centred window the image was placed in, and undo the resize (bilinearly: pass logits, not class
+    maps) when the image was larger than `size`. Images of the PASCAL_MT release (at most 500 px) are only
+    padded at 512."""
+    (h, w), (H, W) = orig_size, (size, size) if isinstance(size, int) else size
+    nh, nw = shrunk_to_fit((h, w), (H, W))
+    top, left = (H - nh) // 2, (W - nw) // 2
+    pred = pred[..., top:top + nh, left:left + nw]
     if (nh, nw) != (h, w):
         shape = pred.shape
         pred = F.interpolate(pred.reshape(1, -1, nh, nw).float(), (h, w), mode='bilinear',
                              align_corners=False).reshape(*shape[:-2], h, w)
     return pred
+
+
+def prepare_image(dataset, image, size):
+    """A (3, h, w) image in [0, 1] of the user's as `dataset`'s evaluation prepares its images for a model of
+    input `size` (predict.py): PASCAL-Context's centred canvas (`fit_to_canvas`); the other datasets' files
+    are stored at the model's size, so another image is resized to it (bilinear). `restore_prediction` undoes it."""
+    if dataset == 'pascal':
+        return fit_to_canvas({'image': image}, size)['image']
+    return F.interpolate(image[None], size, mode='bilinear', align_corners=False)[0]
+
+
+def restore_prediction(dataset, pred, orig_size, size):
+    """A model output (B, K, size_h, size_w) on `prepare_image`'s input, mapped back to the image's (h, w)."""
+    if dataset == 'pascal':
+        return restore_size(pred, orig_size, size)
+    return F.interpolate(pred, orig_size, mode='bilinear', align_corners=False)
+
 
 # ---------------------------------------------------------------------------------------------------
 

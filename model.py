@@ -38,7 +38,8 @@ Every resize is bilinear with align_corners=False; every output is upsampled to 
 Nothing is downloaded: backbones start from random weights unless `pretrained` names a local file.
 
 Fidelity: by default every model computes the function of the authors' code (the CTAL repository's
-code_cnn/ and code_transformer/): timm's HRNet made to fuse like theirs (`use_authors_hrnet`), CTAL's
+code_cnn/ and code_transformer/; ATRC's for atrc): timm's HRNet made to fuse like each method's authors' HRNet
+(`use_authors_hrnet`), the input normalised where their pipeline does it (`InputNorm`), CTAL's
 input layer per path (`ctal_input_layer`), the CTAL authors' PAP-Net affinity and MTI-Net's FPM grouping
 (baselines.py). The paper-text readings are options (pap_affinity='paper', fpm_softmax='paper'); the
 README's Fidelity table lists every difference. On NYUv2 288x384 / Cityscapes 128x256 the parameter
@@ -138,6 +139,9 @@ class AuthorsFuseModule(HighResolutionModule):
     checkpoints load. A size-based resize also lets the backbone run on sizes that are not multiples of 32
     (e.g. the ATRC/TIF papers' NYUD-v2 425x560)."""
 
+    def upsample(self, z, j, i, size):
+        return F.interpolate(z, size=size, mode='bilinear', align_corners=False)
+
     def forward(self, x):
         if self.num_branches == 1:
             return [self.branches[0](x[0])]
@@ -148,10 +152,26 @@ class AuthorsFuseModule(HighResolutionModule):
             for j, layer in enumerate(layers):
                 z = layer(x[j])
                 if j > i:
-                    z = F.interpolate(z, size=x[i].shape[-2:], mode='bilinear', align_corners=False)
+                    z = self.upsample(z, j, i, x[i].shape[-2:])
                 y = z if y is None else y + z
             fused.append(self.fuse_act(y))
         return fused
+
+
+class MMSegFuseModule(AuthorsFuseModule):
+    """The fuse of the HRNet in ATRC's code (mmsegmentation's HRModule): branch j is first upsampled by its
+    fixed factor 2^(j - i) (bilinear, align_corners=False), then resized to branch i's size. Both equal
+    AuthorsFuseModule where the sizes halve exactly (inputs that are multiples of 32); elsewhere the factor
+    overshoots (425x560: the 1/8 map 54x70 goes to 108x140, then 107x140) and the outputs differ."""
+
+    def upsample(self, z, j, i, size):
+        z = F.interpolate(z, scale_factor=2 ** (j - i), mode='bilinear', align_corners=False)
+        return F.interpolate(z, size=size, mode='bilinear', align_corners=False)
+
+
+# whose HRNet-18 the backbone computes: its fuse module and its BatchNorm momentum (the CTAL authors'
+# BN_MOMENTUM 0.01; ATRC's mmseg HRNet keeps torch's default 0.1, which is also timm's)
+HRNET_VARIANTS = {'ctal': (AuthorsFuseModule, HRNET_BN_MOMENTUM), 'atrc': (MMSegFuseModule, 0.1)}
 
 
 def set_bn_momentum(module, momentum):
@@ -161,33 +181,35 @@ def set_bn_momentum(module, momentum):
     return module
 
 
-def use_authors_hrnet(net):
-    """Make timm's HRNet compute the authors' function, in place: bilinear size-matched fuse upsampling
-    (`AuthorsFuseModule`) and BatchNorm momentum 0.01 (their BN_MOMENTUM; timm uses 0.1, which changes the
-    running statistics from the first training step on). Parameters are untouched."""
+def use_authors_hrnet(net, authors='ctal'):
+    """Make timm's HRNet compute the function of `authors`' HRNet code ('ctal': the CTAL / MTI-Net authors',
+    'atrc': ATRC's), in place: their fuse upsampling (`HRNET_VARIANTS`) and their BatchNorm momentum (timm's
+    0.1 against the CTAL authors' 0.01 changes the running statistics from the first training step on).
+    Parameters are untouched."""
+    fuse_module, momentum = HRNET_VARIANTS[authors]
     for m in net.modules():
         if isinstance(m, HighResolutionModule):
-            m.__class__ = AuthorsFuseModule
+            m.__class__ = fuse_module
             for i, layers in enumerate(m.fuse_layers if m.num_branches > 1 else []):
                 for j in range(i + 1, m.num_branches):
                     layers[j][-1] = nn.Identity()          # timm's nn.Upsample; the resize is in forward
-    return set_bn_momentum(net, HRNET_BN_MOMENTUM)
+    return set_bn_momentum(net, momentum)
 
 
 class HRNetBackbone(nn.Module):
     """timm hrnet_w18_small_v2 (3.86 M params), features_only, feature_location='': the 4 branch outputs
     (B, 18, H/4, W/4), (B, 36, H/8, W/8), (B, 72, H/16, W/16), (B, 144, H/32, W/32) (sizes rounded up
-    by the stride-2 convolutions), computing the authors' function (`use_authors_hrnet`).
+    by the stride-2 convolutions), computing the function of `authors`' HRNet (`use_authors_hrnet`).
 
     timm's feature list starts with the 64-ch stem at 1/2; out_indices=(1, 2, 3, 4) drops it (the stem
     still runs, it only stops being returned).
     """
     channels = HRNET_CHANNELS
 
-    def __init__(self, pretrained=None):
+    def __init__(self, pretrained=None, authors='ctal'):
         super().__init__()
         self.net = use_authors_hrnet(create_timm_backbone('hrnet_w18_small_v2', pretrained, features_only=True,
-                                                          feature_location='', out_indices=(1, 2, 3, 4)))
+                                                          feature_location='', out_indices=(1, 2, 3, 4)), authors)
 
     def forward(self, x):
         return list(self.net(x))
@@ -365,20 +387,38 @@ class CTALDistillation(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # models
 
+class InputNorm(nn.Module):
+    """(x - mean) / std per RGB channel, on images in [0, 1]: the normalisation the authors' PASCAL-Context
+    pipelines apply to the image before the model (theirs: Normalize(ImageNet mean, std) after / 255). As
+    the model's first layer it travels with every checkpoint's config to predict.py; the buffers are not
+    saved (the dataset's facts decide them), so checkpoints with and without it hold the same tensors."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 class MultiTaskModel(nn.Module):
-    """Common input check: the models are built for one input size (CTAL's per-position kernels and
-    Swin's attention masks are tied to it), so any other size is an error rather than a silent resize."""
+    """Common input step: the models are built for one input size (CTAL's per-position kernels and Swin's
+    attention masks are tied to it), so any other size is an error rather than a silent resize; then the
+    input normalisation (identity unless build_model's image_norm sets an InputNorm)."""
 
     def __init__(self, tasks, img_size):
         super().__init__()
         self.tasks = dict(tasks)
         self.img_size = tuple(img_size)
+        self.input_norm = nn.Identity()
 
-    def check_input(self, x):
+    def prepare_input(self, x):
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"expected images (B, 3, {self.img_size[0]}, {self.img_size[1]}) (the img_size this "
                              f"model was built for), got {tuple(x.shape)}; resize the images or rebuild the "
                              f"model with img_size={tuple(x.shape[-2:])}")
+        return self.input_norm(x)
 
 
 class HardSharing(MultiTaskModel):
@@ -394,7 +434,7 @@ class HardSharing(MultiTaskModel):
             self.heads = nn.ModuleDict({t: DeepLabHead(SWIN_CHANNELS, k) for t, k in self.tasks.items()})
 
     def forward(self, x):
-        self.check_input(x)
+        x = self.prepare_input(x)
         feats = self.backbone(x)
         out = {t: resize(head(feats), self.img_size) for t, head in self.heads.items()}
         out['initial'] = {}
@@ -410,6 +450,7 @@ class SingleTask(MultiTaskModel):
                                    for t, k in self.tasks.items()})
 
     def forward(self, x):
+        x = self.prepare_input(x)                       # the nets' own input_norm stays the identity
         out = {t: net(x)[t] for t, net in self.nets.items()}
         out['initial'] = {}
         return out
@@ -439,7 +480,7 @@ class SingleScaleDistillation(MultiTaskModel):
                                           for t, k in self.tasks.items()})
 
     def forward(self, x):
-        self.check_input(x)
+        x = self.prepare_input(x)
         shared = self.fuse(self.backbone(x))
         feats, initial = {}, {}
         for t, head in self.initial_heads.items():
@@ -469,7 +510,7 @@ class MTINet(MultiTaskModel):
         self.heads = nn.ModuleDict({t: HRHead(k) for t, k in self.tasks.items()})
 
     def forward(self, x):
-        self.check_input(x)
+        x = self.prepare_input(x)
         feats, preds = self.front(self.backbone(x))
         distilled = [d(f) for d, f in zip(self.distill, feats)]
         out = {t: resize(self.heads[t]([d[t] for d in distilled]), self.img_size) for t in self.tasks}
@@ -498,7 +539,7 @@ class CTALMultiScale(MultiTaskModel):
         self.final_heads = nn.ModuleDict({t: final_head(CTAL_CHANNELS, k, 'hrnet18') for t, k in self.tasks.items()})
 
     def forward(self, x):
-        self.check_input(x)
+        x = self.prepare_input(x)
         feats, preds = self.front(self.backbone(x))
         fused = {t: self.fuse[t]([f[t] for f in feats]) for t in self.tasks}
         distilled = self.distill(fused)
@@ -528,7 +569,7 @@ class TIF(MultiTaskModel):
         self.decoder = TIFDecoder(self.tasks, channels, width or TIF_WIDTH[backbone], **decoder_options)
 
     def forward(self, x):
-        self.check_input(x)
+        x = self.prepare_input(x)
         out = {t: resize(logits, self.img_size) for t, logits in self.decoder(self.backbone(x)).items()}
         out['initial'] = {}
         return out
@@ -585,7 +626,7 @@ class ATRC(MultiTaskModel):
                  fpm=False, fpm_softmax='code'):
         super().__init__(tasks, img_size)
         swin = backbone == 'swinv2_s'
-        self.backbone = SwinBackbone(pretrained) if swin else HRNetBackbone(pretrained)
+        self.backbone = SwinBackbone(pretrained) if swin else HRNetBackbone(pretrained, authors='atrc')
         c = SWIN_CHANNELS if swin else sum(HRNET_CHANNELS)
         width = c // 4                                                  # HRNet: 67, and d = 33 in the blocks
         self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS, fpm_softmax) if fpm else None
@@ -624,7 +665,7 @@ class ATRC(MultiTaskModel):
         return self.label_spaces()
 
     def forward(self, x):
-        self.check_input(x)
+        x = self.prepare_input(x)
         xs = self.backbone(x)
         shared = xs if torch.is_tensor(xs) else concat_scales(xs)
         inputs, initial = {t: shared for t in self.tasks}, {}          # (B, 270, H/4, W/4) or (B, 768, H/32, W/32)
@@ -706,7 +747,7 @@ def check_arguments(name, tasks, img_size, backbone, pap_iters, pap_affinity, fp
 
 def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.05, ctal_impl='auto',
                 ctal_fusion='shared', pretrained=None, pap_iters=1, pap_affinity='code', fpm_softmax='code',
-                hrnet_bn_momentum=HRNET_BN_MOMENTUM, genotype=None, atrc_search=False):
+                hrnet_bn_momentum=None, genotype=None, atrc_search=False, image_norm=None):
     """Build model `name` for `tasks` (dict task -> output channels, in canonical order) at img_size (H, W).
 
     scale: CTAL's distillation scale (ctal_ss/ctal_ms on HRNet; see `distillation_size`); gamma,
@@ -716,21 +757,27 @@ def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.
     pap_iters: PAP-Net propagation iterations; pap_affinity ('code' | 'paper'): PAP-Net's affinity
     normalisation (baselines.pap_affinity); fpm_softmax ('code' | 'paper'): the MTI-Net FPM mask of
     mtinet / ctal_ms (baselines.fpm_softmax). 'code' = the authors' code, the default everywhere.
-    hrnet_bn_momentum: momentum of the HRNet backbone's BatchNorms (theirs: 0.01). It changes only how
-    fast the running statistics follow training, not the function; runs of a few hundred steps need
-    a larger one (0.1, timm's) for their eval-mode statistics to catch up.
+    hrnet_bn_momentum: momentum of the HRNet backbone's BatchNorms; None = the authors' of the model (0.01,
+    the CTAL authors', for every model but atrc / atrc_ms: 0.1, ATRC's). It changes only how fast the running
+    statistics follow training, not the function; runs of a few hundred steps need a larger one (0.1) for
+    their eval-mode statistics to catch up.
     genotype: atrc's {target: {source: context}} (baselines.atrc_genotype); None = the authors' searched one.
     atrc_search: atrc as the architecture search's network instead (genotype is then ignored).
+    image_norm: None, or the (mean, std) per RGB channel the model normalises its [0, 1] input by
+    (`InputNorm`; data.DATASETS[name]['image_norm'], PASCAL-Context's ImageNet statistics).
     Arguments a model does not use are ignored.
     """
     img_size = tuple(img_size)
     check_arguments(name, tasks, img_size, backbone, pap_iters, pap_affinity, fpm_softmax)
-    if not 0 < hrnet_bn_momentum <= 1:
-        raise ValueError(f"hrnet_bn_momentum must be in (0, 1], got {hrnet_bn_momentum!r}")
+    if hrnet_bn_momentum is not None and not (isinstance(hrnet_bn_momentum, (int, float)) and 0 < hrnet_bn_momentum <= 1):
+        raise ValueError(f"hrnet_bn_momentum must be None or in (0, 1], got {hrnet_bn_momentum!r}")
     model = build_architecture(name, dict(tasks), img_size, backbone, scale, gamma, ctal_impl, ctal_fusion,
                                pretrained, pap_iters, pap_affinity, fpm_softmax, genotype, atrc_search)
-    for backbone_module in [m for m in model.modules() if isinstance(m, HRNetBackbone)]:
-        set_bn_momentum(backbone_module, hrnet_bn_momentum)
+    if hrnet_bn_momentum is not None:
+        for backbone_module in [m for m in model.modules() if isinstance(m, HRNetBackbone)]:
+            set_bn_momentum(backbone_module, hrnet_bn_momentum)
+    if image_norm is not None:
+        model.input_norm = InputNorm(*image_norm)
     return model
 
 

@@ -2,8 +2,10 @@
 
     python predict.py out/nyuv2_ctal_ss/best.pt photo1.jpg photo2.png [--out_dir predictions] [--device cpu]
 
-Data flow: image file -> RGB (3, h, w) in [0, 1] -> resized (bilinear) to the input size the model was
-trained at (CTAL's grid is fixed by it) -> model -> each task's raw output resized back to (h, w) ->
+Data flow: image file -> RGB (3, h, w) in [0, 1] -> prepared as the checkpoint's dataset is evaluated, at the
+input size the model was trained at (CTAL's grid is fixed by it; data.prepare_image: PASCAL-Context's
+centred canvas on the mean colour, the other datasets a bilinear resize; the model normalises where the
+authors do) -> model -> each task's raw output mapped back to (h, w) (data.restore_prediction) ->
 <out_dir>/<image name>_pred.png: the input and one panel per task, coloured as in vis.py (class colours,
 viridis depth, normals as RGB, saliency / edge probability in grey).
 """
@@ -13,10 +15,10 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from checkpoint import load_checkpoint, load_weights
 from config import UserError
+from data import prepare_image, restore_prediction
 from ddp import pick_device
 from train import build_net
 from vis import save_prediction_grid
@@ -31,6 +33,13 @@ def read_image(path):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} as an image: {e}") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def predict_image(net, image, cfg, size, device):
+    """{task: (1, K_t, h, w) raw output} of the net for one (3, h, w) image, at the image's own size."""
+    out = net(prepare_image(cfg['dataset'], image, size)[None].to(device))
+    return {t: restore_prediction(cfg['dataset'], out[t].float(), tuple(image.shape[-2:]), size).cpu()
+            for t in cfg['tasks']}
 
 
 @torch.no_grad()
@@ -48,11 +57,7 @@ def predict(checkpoint, paths, out_dir, device='cpu'):
     written = []
     for path in paths:
         image = read_image(path)
-        h, w = image.shape[-2:]
-        x = F.interpolate(image[None].to(device), size, mode='bilinear', align_corners=False)
-        out = net(x)
-        predictions = {t: F.interpolate(out[t].float(), (h, w), mode='bilinear', align_corners=False).cpu()
-                       for t in cfg['tasks']}                                         # (1, K_t, h, w)
+        predictions = predict_image(net, image, cfg, size, device)
         written.append(os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '_pred.png'))
         save_prediction_grid(written[-1], image[None], predictions)
     return written

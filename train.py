@@ -10,8 +10,9 @@ defaults: `--help` lists every key with its default and comment, unknown keys ar
 
 A step: batch (each sample's augmentation seeded by (seed, epoch, index)) -> model(images) -> {task:
 (B, K_t, H, W), 'initial': {task: tensor | list of 4}} -> loss = sum_t w_t (L_initial_t + L_final_t) ->
-per-task losses all-reduced (a NaN on any rank stops every rank) -> backward -> optional clip -> Adam. The LR
-steps per epoch. Every `eval_interval` epochs: val metrics, delta_m against the STL reference, the PNG grid,
+per-task losses all-reduced (a NaN on any rank stops every rank) -> backward -> optional clip -> Adam (or SGD).
+The LR steps per epoch ('poly': per step). A run is `epochs` epochs, or `iters` steps (the last epoch cut short).
+Every `eval_interval` epochs: val metrics, delta_m against the STL reference, the PNG grid,
 best.pt if delta_m improved; then ckpt.pt (atomically). `batch_size` is global: rank r takes every W-th
 index and BatchNorm statistics are synchronised, so 1 and W processes compute the same step (to rounding);
 a run resumed from ckpt.pt (epoch ends, or mid-epoch on Ctrl-C / SIGTERM) repeats the uninterrupted run
@@ -69,15 +70,17 @@ pap_affinity = 'code'         # PAP-Net affinity: code (the CTAL authors') | pap
 fpm_softmax = 'code'          # MTI-Net FPM mask: code (MTI-Net's code) | paper (MTI-Net Sec. 2.4)
 genotype = None               # atrc: JSON file {target: {source: context}}; None = the authors' searched one
 atrc_search = False           # atrc: the architecture search (ATRC Sec. 3.3) -> out_dir/genotype.json
-hrnet_bn_momentum = 0.01      # the authors' HRNet BN momentum; runs of a few hundred steps need 0.1
+hrnet_bn_momentum = None      # HRNet BN momentum; None = the model's authors' (0.01; atrc: 0.1); short runs need 0.1
 pretrained = None             # local ImageNet backbone checkpoint (timm / torchvision); None = random
 init_from = None              # fine-tune from / evaluate this project's ckpt.pt or best.pt
 # optimisation
-epochs = 200                  # training epochs
+epochs = 200                  # training epochs (unless iters > 0)
+iters = 0                     # > 0: train for exactly this many steps instead (ATRC / TIF count iterations)
 batch_size = 8                # global batch (split across DDP ranks)
-lr = 1e-4                     # Adam learning rate
-weight_decay = 1e-4           # Adam weight decay
-scheduler = 'cosine'          # cosine | cosine_restarts | none (stepped once per epoch)
+optimizer = 'adam'            # adam (the CTAL authors') | sgd (momentum 0.9: ATRC's, TIF's)
+lr = 1e-4                     # learning rate
+weight_decay = 1e-4           # weight decay (an L2 term in the gradient, as torch's Adam and SGD)
+scheduler = 'cosine'          # cosine | cosine_restarts | none (stepped per epoch) | poly (power 0.9, per step)
 restart_period = None         # cosine_restarts: T_0 in epochs; None = epochs // 3
 restart_mult = 2              # cosine_restarts: T_mult
 grad_clip = 0.0               # max gradient norm; 0 = off
@@ -102,10 +105,13 @@ sync_bn = True                # DDP: BatchNorm statistics over the global batch,
 # ---------------------------------------------------------------------------------- end of defaults
 DEFAULTS = {k: v for k, v in globals().items() if k not in _names_before_defaults | {'_names_before_defaults'}}
 
+SCHEDULERS = ('cosine', 'cosine_restarts', 'none', 'poly')
+POLY_POWER = 0.9                # ATRC's polynomial decay: lr = base (1 - step / iters) ** 0.9 (their PolynomialLR)
+SGD_MOMENTUM = 0.9              # ATRC's SGD
 CHOICES = {'dataset': tuple(DATASETS), 'model': MODEL_NAMES, 'backbone': BACKBONES, 'ctal_impl': IMPLS,
            'ctal_fusion': FUSIONS, 'pap_affinity': PAP_AFFINITIES, 'fpm_softmax': FPM_SOFTMAXES,
-           'scheduler': ('cosine', 'cosine_restarts', 'none'), 'normals_loss': NORMALS_LOSSES}
-AT_LEAST = {'epochs': 1, 'batch_size': 1, 'eval_interval': 1, 'log_interval': 1, 'n_train': 1, 'n_val': 1,
+           'scheduler': SCHEDULERS, 'optimizer': ('adam', 'sgd'), 'normals_loss': NORMALS_LOSSES}
+AT_LEAST = {'epochs': 1, 'iters': 0, 'batch_size': 1, 'eval_interval': 1, 'log_interval': 1, 'n_train': 1, 'n_val': 1,
             'restart_mult': 1, 'max_iters': 0, 'vis_images': 0, 'grad_clip': 0, 'weight_decay': 0,
             'num_workers': 0, 'seed': 0, 'synthetic_seed': 0}
 # what a resumed run may change; any other difference from the checkpoint's config is refused
@@ -262,11 +268,23 @@ def set_atrc_label_spaces(net, cfg, train_set):
         pass
 
 
-def make_scheduler(optimizer, cfg):
+def make_optimizer(params, cfg):
+    """Adam (the CTAL authors' recipe) or SGD with momentum 0.9 (ATRC's pl_model.py; their two parameter
+    groups, backbone and head, have one lr and one weight decay, so one group computes the same step)."""
+    if cfg['optimizer'] == 'sgd':
+        return torch.optim.SGD(params, lr=cfg['lr'], momentum=SGD_MOMENTUM, weight_decay=cfg['weight_decay'])
+    return torch.optim.Adam(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+
+
+def make_scheduler(optimizer, cfg, epochs, total_steps):
+    """The LR schedule: 'poly' is stepped after every optimiser step (ATRC's PolynomialLR over the run's
+    iterations, min_lr 0), the others once per epoch."""
+    if cfg['scheduler'] == 'poly':
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=POLY_POWER)
     if cfg['scheduler'] == 'cosine':
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg['epochs'])
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if cfg['scheduler'] == 'cosine_restarts':
-        period = cfg['restart_period'] or max(1, cfg['epochs'] // 3)
+        period = cfg['restart_period'] or max(1, epochs // 3)
         return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=period, T_mult=cfg['restart_mult'])
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
@@ -332,13 +350,16 @@ class Run:
             self.model = torch.compile(self.model)
         arch = [p for n, p in net.named_parameters() if n.endswith('arch_logits')]     # atrc_search only
         weights = [p for n, p in net.named_parameters() if not n.endswith('arch_logits')]
-        self.optimizer = torch.optim.Adam(weights, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+        # the run's length: `iters` steps, else `epochs` whole epochs (the last epoch may end early)
+        self.steps_per_epoch = len(epoch_batches(len(train_set), 0, cfg, rank, world))
+        self.total_steps = cfg['iters'] or self.steps_per_epoch * cfg['epochs']
+        self.epochs = -(-self.total_steps // self.steps_per_epoch) if self.steps_per_epoch else cfg['epochs']
+        self.optimizer = make_optimizer(weights, cfg)
         self.arch_optimizer = torch.optim.Adam(arch, lr=SEARCH_ARCH_LR, weight_decay=0) if arch else None
-        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.epochs, self.total_steps)
         self.reference, self.reference_source = load_reference(cfg)
         self.progress = {'epoch': 0, 'batches_done': 0, 'step': 0, 'best': None, 'last': None, 'seconds': 0.0,
                          'log_bytes': 0}
-        self.steps_per_epoch = len(epoch_batches(len(train_set), 0, cfg, rank, world))
         self.timing = {'start': time.time(), 'before': 0.0, 'first_step': 0}
 
     def path(self, name):
@@ -393,7 +414,7 @@ def train_step(run, batch):
     """One optimiser step; the per-task losses averaged over ranks (floats)."""
     cfg = run.cfg
     if run.arch_optimizer:                      # the ATRC search: this step's temperature and entropy weight
-        entropy_weight = run.net.distill.schedule(run.progress['step'] / (run.steps_per_epoch * cfg['epochs']))
+        entropy_weight = run.net.distill.schedule(run.progress['step'] / run.total_steps)
     with autocast(cfg, run.device):
         out = run.model(batch['image'])
     spaces = run.net.label_spaces() if isinstance(run.net, ATRC) else None
@@ -418,6 +439,8 @@ def train_step(run, batch):
     run.optimizer.step()
     if run.arch_optimizer:
         run.arch_optimizer.step()
+    if cfg['scheduler'] == 'poly':
+        run.scheduler.step()
     return values
 
 
@@ -439,14 +462,14 @@ def log_window(run, epoch, i, window):
     run (evaluations included) over the steps it has done."""
     cfg, t, step = run.cfg, run.timing, run.progress['step']
     n, dt = len(window), time.time() - t['window_start']
-    left = run.steps_per_epoch * cfg['epochs'] - step
+    left = run.total_steps - step
     losses = {task: sum(w[task] for w in window) / n for task in cfg['tasks']}
     record = {'type': 'train', 'epoch': epoch, 'iter': i + 1, 'step': step,
               'loss': sum(sum(cfg['loss_weights'][task] * w[task] for task in w) for w in window) / n, 'losses': losses,
               'lr': run.optimizer.param_groups[0]['lr'], 'img_per_s': n * cfg['batch_size'] / max(dt, 1e-9),
               'eta_s': left * (time.time() - t['start']) / max(1, step - t['first_step'])}
     run.log(record)
-    run.say(f"epoch {epoch + 1}/{cfg['epochs']} step {i + 1}/{run.steps_per_epoch} | loss {record['loss']:.4f} ("
+    run.say(f"epoch {epoch + 1}/{run.epochs} step {i + 1}/{run.steps_per_epoch} | loss {record['loss']:.4f} ("
             + ', '.join(f"{task} {v:.4f}" for task, v in losses.items()) + f") | lr {record['lr']:.2e} | "
             f"{record['img_per_s']:.1f} img/s | ETA {record['eta_s'] / 60:.1f} min")
     t['window_start'] = time.time()
@@ -459,15 +482,16 @@ def train_one_epoch(run, epoch, stop):
     it = iter(make_loader(run.train_set, batches, cfg, run.device, cfg['seed'] + epoch))
     window, run.timing['window_start'] = [], time.time()
     run.model.train()
-    for i in range(p['batches_done'], run.steps_per_epoch):
+    for i in range(p['batches_done'], min(run.steps_per_epoch, p['batches_done'] + run.total_steps - p['step'])):
         if stop.agreed(run.device):       # before the forward: it would already move BatchNorm statistics
             raise Interrupted
         window.append(train_step(run, next_batch(it, stop, run.device)))
         p['batches_done'], p['step'] = i + 1, p['step'] + 1
-        if len(window) == cfg['log_interval'] or i + 1 == run.steps_per_epoch:
+        if len(window) == cfg['log_interval'] or i + 1 == run.steps_per_epoch or p['step'] == run.total_steps:
             log_window(run, epoch, i, window)
             window = []
-    run.scheduler.step()
+    if cfg['scheduler'] != 'poly':
+        run.scheduler.step()
     p['epoch'], p['batches_done'] = epoch + 1, 0
 
 
@@ -498,9 +522,9 @@ def train(run):
     cfg = run.cfg
     with StopFlag() as stop:
         try:
-            for epoch in range(run.progress['epoch'], cfg['epochs']):
+            for epoch in range(run.progress['epoch'], run.epochs):
                 train_one_epoch(run, epoch, stop)
-                if (epoch + 1) % cfg['eval_interval'] == 0 or epoch + 1 == cfg['epochs']:
+                if (epoch + 1) % cfg['eval_interval'] == 0 or epoch + 1 == run.epochs:
                     evaluate_run(run, epoch + 1)
                 run.checkpoint()
                 if stop.agreed(run.device):
@@ -513,16 +537,17 @@ def train(run):
         except NonFiniteLoss as e:
             run.log({'type': 'error', 'step': run.progress['step'], 'message': str(e)})
             raise
-    if run.progress['last'] is None or run.progress['last']['epoch'] != cfg['epochs']:
-        evaluate_run(run, cfg['epochs'])           # e.g. resumed a finished run without its last eval
+    if run.progress['last'] is None or run.progress['last']['epoch'] != run.epochs:
+        evaluate_run(run, run.epochs)              # e.g. resumed a finished run without its last eval
 
 
 # ------------------------------------------------------------------------------------------ main
 
 def build_net(cfg, size, device):
-    """model.build_model's options are config keys of the same names."""
-    options = inspect.signature(build_model).parameters.keys() - {'name', 'tasks', 'img_size'}
-    return build_model(cfg['model'], task_channels(cfg), size, **{k: cfg[k] for k in options}).to(device)
+    """model.build_model's options are config keys of the same names; the input normalisation is the dataset's."""
+    options = inspect.signature(build_model).parameters.keys() - {'name', 'tasks', 'img_size', 'image_norm'}
+    return build_model(cfg['model'], task_channels(cfg), size, image_norm=DATASETS[cfg['dataset']].get('image_norm'),
+                       **{k: cfg[k] for k in options}).to(device)
 
 
 def setup(cfg):
@@ -562,6 +587,10 @@ def describe(run):
             run.say(f"CTAL at {m.size[0]}x{m.size[1]}: impl {m.impl!r} -> {m.impl_for(run.device)}")
     if cfg['bf16'] and run.device.type != 'cuda':
         run.say("note: bf16 autocast is for CUDA; running in float32 on CPU")
+    if cfg['dataset'] != 'synthetic' and not (cfg['pretrained'] or cfg['init_from'] or cfg['resume'] or cfg['eval_only']):
+        run.say(f"warning: training {cfg['model']} on {cfg['dataset']} from random weights (pretrained=None); the papers "
+                f"start the backbone from ImageNet weights: pass a local file with --pretrained=PATH (timm's "
+                f"hrnet_w18_small_v2 / torchvision's swin_v2_s-6cf4c8c5.pth)")
     run.say(f"delta_m reference: {run.reference_source}" if run.reference else
             f"delta_m: unavailable: {run.reference_source}")
 
@@ -584,7 +613,7 @@ def finish(run):
     """results.json and the summary."""
     final, best, cfg = run.progress['last'], run.progress['best'], run.cfg
     results = {'model': cfg['model'], 'dataset': cfg['dataset'], 'backbone': cfg['backbone'], 'seed': cfg['seed'],
-               'epochs': cfg['epochs'], 'params': sum(p.numel() for p in run.net.parameters()),
+               'epochs': run.epochs, 'steps': run.progress['step'], 'params': sum(p.numel() for p in run.net.parameters()),
                'final': {k: v for k, v in final.items() if k != 'type'},
                'best': {k: v for k, v in best.items() if k not in ('type', 'score')},
                'reference': {'source': run.reference_source, 'values': run.reference},

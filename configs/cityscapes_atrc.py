@@ -1,6 +1,6 @@
 # ATRC (Adaptive Task-Relational Context, Bruggemann et al. ICCV 2021) with the authors' searched HRNet-18
 # genotype; its paper trains with SGD for 40k iterations: this config keeps the recipe every other model here
-# trains with, so the rows compare (README Fidelity table).
+# trains with, so the rows compare; theirs: add configs/recipe_atrc.py.
 # Cityscapes (MTAN .npy, 128x256, 2975 train / 500 val, 19 classes), HRNet-18,
 # the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
 dataset = 'cityscapes'

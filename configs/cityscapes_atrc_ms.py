@@ -1,5 +1,6 @@
 # ATRC + FPM (ATRC paper Tab. 2): MTI-Net's front end, then ATRC with the authors' searched HRNet-18 genotype.
-# Its paper trains with SGD for 40k iterations; this config keeps the recipe every other model here trains with.
+# Its paper trains with SGD for 40k iterations; this config keeps the recipe every other model here trains with
+# (theirs: add configs/recipe_atrc.py).
 # Cityscapes (MTAN .npy, 128x256, 2975 train / 500 val, 19 classes), HRNet-18,
 # the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
 dataset = 'cityscapes'

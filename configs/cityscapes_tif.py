@@ -1,5 +1,6 @@
 # TIF (Task-Interaction-Free network) publishes no code; its paper trains with ATRC's recipe for 50k iterations.
-# This config keeps the recipe every other model here trains with, so the rows compare (README Fidelity table).
+# This config keeps the recipe every other model here trains with, so the rows compare; the paper's: add
+# configs/recipe_tif.py.
 # Cityscapes (MTAN .npy, 128x256, 2975 train / 500 val, 19 classes), HRNet-18,
 # the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
 dataset = 'cityscapes'

@@ -1,5 +1,6 @@
 # ATRC + FPM (ATRC paper Tab. 2): MTI-Net's front end, then ATRC with the authors' searched HRNet-18 genotype.
-# Its paper trains with SGD for 40k iterations; this config keeps the recipe every other model here trains with.
+# Its paper trains with SGD for 40k iterations; this config keeps the recipe every other model here trains with
+# (theirs: add configs/recipe_atrc.py).
 # NYUv2 (MTAN .npy, 288x384, 795 train / 654 val), HRNet-18,
 # the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
 dataset = 'nyuv2'

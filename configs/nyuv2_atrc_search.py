@@ -1,6 +1,7 @@
 # ATRC's architecture search (Bruggemann et al. ICCV 2021, Sec. 3.3: Gumbel-softmax over the contexts of every
 # pair, temperature 1 -> 0.05, entropy weight -0.02 -> 0.06, blocks frozen at a 0.3 margin). Its paper searches
-# with SGD for 40k iterations; this config keeps the recipe every other model here trains with.
+# with SGD for 40k iterations; this config keeps the recipe every other model here trains with (theirs: add
+# configs/recipe_atrc.py).
 # NYUv2 (MTAN .npy, 288x384, 795 train / 654 val), HRNet-18,
 # the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
 dataset = 'nyuv2'

@@ -1,5 +1,6 @@
 # TIF (Task-Interaction-Free network) publishes no code; its paper trains with ATRC's recipe for 50k iterations.
-# This config keeps the recipe every other model here trains with, so the rows compare (README Fidelity table).
+# This config keeps the recipe every other model here trains with, so the rows compare; the paper's: add
+# configs/recipe_tif.py.
 # NYUv2 (MTAN .npy, 288x384, 795 train / 654 val), HRNet-18,
 # the recipe of the authors' CNN code (CTAL paper Sec. 3 and appendix).
 dataset = 'nyuv2'

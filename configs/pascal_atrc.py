@@ -1,6 +1,6 @@
 # ATRC (Adaptive Task-Relational Context, Bruggemann et al. ICCV 2021) with the authors' searched HRNet-18
 # genotype; its paper trains with SGD for 40k iterations: this config keeps the recipe every other model here
-# trains with, so the rows compare (README Fidelity table).
+# trains with, so the rows compare; theirs: add configs/recipe_atrc.py.
 # PASCAL-Context (PASCAL_MT, 4998 train / 5105 val) on HRNet-18 (ATRC's backbone there), with the recipe of the
 # CTAL authors' transformer code
 # (code_transformer/configs/pascal/swinv2/*.yml; CTAL paper Sec. 3 and appendix). Training samples: random scale 0.5-2, crop

@@ -12,6 +12,6 @@ lr = 2e-5
 weight_decay = 1e-5
 scheduler = 'cosine'
 grad_clip = 0.0     # their configs name max_norm 10, but no code of theirs reads it: they did not clip
-loss_weights = {'semseg': 1.0, 'human_parts': 2.0, 'saliency': 5.0, 'edge': 50.0, 'normals': 10.0}
+loss_weights = {'semseg': 1.0, 'human_parts': 1.0, 'saliency': 1.0, 'edge': 1.0, 'normals': 1.0}   # their STL: unweighted
 normals_loss = 'l1'  # their transformer code: L1 of the normalised prediction, summed over x, y, z
 num_workers = 4

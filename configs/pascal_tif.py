@@ -1,5 +1,6 @@
 # TIF (Task-Interaction-Free network) publishes no code; its paper trains with ATRC's recipe for 50k iterations.
-# This config keeps the recipe every other model here trains with, so the rows compare (README Fidelity table).
+# This config keeps the recipe every other model here trains with, so the rows compare; the paper's: add
+# configs/recipe_tif.py.
 # PASCAL-Context (PASCAL_MT, 4998 train / 5105 val), Swin-V2-S: the recipe of the CTAL authors' transformer code
 # (code_transformer/configs/pascal/swinv2/*.yml; CTAL paper Sec. 3 and appendix). Training samples: random scale 0.5-2, crop
 # 512x512, flip, photometric distortion (data.pascal_augment); validation: padded to 512x512.

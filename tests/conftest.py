@@ -108,11 +108,10 @@ def write_pascal_sample(root, id_, size, rng, person=True, split='train', semseg
         person_mask = (parts > 0).astype(np.uint8)
         objects.append(('person', 15, person_mask, _struct(('part_name', 'mask'), list(masks.items()))))
         lonely = np.zeros((h, w), np.uint8)
-        lonely[2:10, 20:24] = 1                  # a person annotated without parts: ignored
+        lonely[2:10, 20:24] = 1                  # a person annotated without parts: background, as theirs
         objects.append(('person', 15, lonely, np.zeros((0, 0))))
-        parts[2:10, 20:24] = 255
     else:
-        parts[:] = 255
+        parts[:] = 255                           # no person with parts: all ignore
     anno = {'imname': id_, 'objects': _struct(('class', 'class_ind', 'mask', 'parts'), objects)}
     scipy.io.savemat(os.path.join(root, 'human_parts', id_ + '.mat'), {'anno': anno})
     return {'image': img, 'semseg': sem, 'saliency': sal, 'normals': nrm, 'context': ctx, 'parts': parts}

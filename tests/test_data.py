@@ -324,23 +324,32 @@ def test_pascal_loads_every_task_padded_with_ignore(pascal):
     for key, shape in shapes.items():
         assert s[key].shape == shape, key
         assert s[key].dtype == dtypes.get(key, torch.float32), key
-    # padding (bottom / right): image 0, normals invalid, everything else ignore
-    assert (s['image'][:, h:] == 0).all() and (s['image'][:, :, w:] == 0).all()
-    assert (s['normals'][:, h:] == 0).all() and (s['normals'][:, :, w:] == 0).all()
+    # padded centred (their PadImage): rows 9..38, columns 4..43 hold the image; the image pads with the
+    # ImageNet mean colour, the normals with the invalid zero vector, everything else with ignore
+    top, left = (48 - h) // 2, (48 - w) // 2
+    inside = torch.zeros(48, 48, dtype=torch.bool)
+    inside[top:top + h, left:left + w] = True
+    assert (top, left) == (9, 4)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1)
+    assert torch.equal(s['image'][:, ~inside], mean.expand(3, int((~inside).sum())))
+    assert (s['normals'][:, ~inside] == 0).all()
     for key in ('semseg', 'human_parts', 'saliency', 'edge'):
-        t = s[key].reshape(-1, 48, 48)
-        assert (t[:, h:] == 255).all() and (t[:, :, w:] == 255).all(), key
+        assert (s[key].reshape(-1, 48, 48)[:, ~inside] == 255).all(), key
+    crop = lambda x: x[..., top:top + h, left:left + w].numpy()
     # JPEG is lossy: the image only approximately equals what was written
-    assert np.abs(s['image'][:, :h, :w].numpy() * 255 - a['image'].transpose(2, 0, 1)).mean() < 3
-    assert np.array_equal(s['semseg'][:h, :w].numpy(), a['semseg'])
-    assert np.array_equal(s['human_parts'][:h, :w].numpy(), a['parts'])
-    assert set(np.unique(a['parts']).tolist()) == {0, 1, 2, 3, 4, 5, 6, 255}
-    assert np.array_equal(s['saliency'][0, :h, :w].numpy(), (a['saliency'] >= 128).astype(np.float32))
+    assert np.abs(crop(s['image']) * 255 - a['image'].transpose(2, 0, 1)).mean() < 3
+    assert np.array_equal(crop(s['semseg']), a['semseg'])
+    assert np.array_equal(crop(s['human_parts']), a['parts'])
+    assert set(np.unique(a['parts']).tolist()) == {0, 1, 2, 3, 4, 5, 6}
+    assert np.array_equal(crop(s['saliency'])[0], (a['saliency'] >= 128).astype(np.float32))
     normals = 2 * a['normals'].astype(np.float32) / 255 - 1
     normals[:, : w // 2] = 0                          # class 2 (aeroplane) has no valid normals
-    np.testing.assert_allclose(s['normals'][:, :h, :w].numpy(), normals.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(crop(s['normals']), normals.transpose(2, 0, 1), atol=1e-6)
+    for key in s:                                     # restore_size cuts out exactly the image's window
+        if torch.is_tensor(s[key]):
+            assert np.array_equal(data.restore_size(s[key], (h, w), 48).numpy(), crop(s[key])), key
     # the LabelMap has one vertical class boundary at column w/2: a one-pixel edge on every row
-    edge = s['edge'][0, :h, :w].numpy()
+    edge = crop(s['edge'])[0]
     assert set(np.unique(edge).tolist()) == {0.0, 1.0}
     # (thinning may shorten a curve by one pixel where it meets the image border)
     assert (edge[1:-1].sum(1) == 1).all() and edge.sum() >= h - 2
@@ -358,7 +367,7 @@ def test_pascal_task_subset_semseg_fallback_and_collate(tmp_path):
     ds = data.build_dataset('pascal', root, 'val', ('semseg',), size=32)
     s = ds[0]
     assert set(s) == {'image', 'semseg', 'meta'}
-    assert np.array_equal(s['semseg'][:20, :24].numpy(), a['semseg'])
+    assert np.array_equal(s['semseg'][6:26, 4:28].numpy(), a['semseg'])       # centred on 32x32
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))
     assert batch['image'].shape == (2, 3, 32, 32)
     assert batch['meta']['id'] == ['x1', 'x2'] and batch['meta']['size'][0].tolist() == [20, 24]
@@ -368,35 +377,128 @@ def test_pascal_task_subset_semseg_fallback_and_collate(tmp_path):
 
 def test_pascal_augmentation_flip_and_centred_padding(tmp_path, monkeypatch):
     """The authors' PASCAL augmentation with the scale fixed to 1 and no photometric step: the 40x64
-    sample is padded centred to 64x64 (12 rows above and below), then flipped or not, every task alike."""
+    sample fits the 64x64 crop, is flipped or not, then padded centred (12 rows above and below, the image
+    on the mean colour): the flip never moves the image, and it equals the validation sample or its mirror."""
     root = str(tmp_path / 'PASCAL_MT')
     write_pascal_sample(root, 'big', (40, 64), np.random.default_rng(2))
-    plain = data.PASCALContext(root, size=64)[0]                       # val path: padded bottom/right
+    plain = data.PASCALContext(root, size=64)[0]                       # val path: padded centred too
     monkeypatch.setattr(data, 'PASCAL_SCALE_RANGE', (1.0, 1.0))
     monkeypatch.setattr(data, 'photometric_distortion', lambda image: image)
     ds = data.PASCALContext(root, size=64, augment=True)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     flips = 0
     for seed in range(8):
         torch.manual_seed(seed)
         s = ds[0]
         assert s['image'].shape == (3, 64, 64) and s['semseg'].shape == (64, 64)
         assert (s['semseg'][:12] == 255).all() and (s['semseg'][52:] == 255).all()
-        assert (s['normals'][:, :12] == 0).all() and (s['image'][:, 52:] == 0).all()
-        mid_seg, mid_n = s['semseg'][12:52], s['normals'][:, 12:52]
-        if torch.equal(mid_seg, plain['semseg'][:40]):
-            assert torch.equal(mid_n, plain['normals'][:, :40])
+        assert (s['normals'][:, :12] == 0).all() and torch.equal(s['image'][:, 52:], mean.expand(3, 12, 64))
+        if torch.equal(s['semseg'], plain['semseg']):
+            assert torch.equal(s['normals'], plain['normals']) and torch.equal(s['image'], plain['image'])
             continue
         flips += 1
-        assert torch.equal(mid_seg, plain['semseg'][:40].flip(-1))
-        assert torch.equal(mid_n[0], -plain['normals'][0, :40].flip(-1))           # x negated
-        assert torch.equal(mid_n[1:], plain['normals'][1:, :40].flip(-1))
-        assert torch.equal(s['edge'][:, 12:52], plain['edge'][:, :40].flip(-1))
+        mid = slice(12, 52)
+        assert torch.equal(s['semseg'][mid], plain['semseg'][mid].flip(-1))
+        assert torch.equal(s['image'][:, mid], plain['image'][:, mid].flip(-1))
+        assert torch.equal(s['normals'][0, mid], -plain['normals'][0, mid].flip(-1))           # x negated
+        assert torch.equal(s['normals'][1:, mid], plain['normals'][1:, mid].flip(-1))
+        assert torch.equal(s['edge'][:, mid], plain['edge'][:, mid].flip(-1))
     assert 0 < flips < 8
-    small = data.PASCALContext(root, size=32)[0]      # 40x64 > 32: resized to 20x32, then padded
+    small = data.PASCALContext(root, size=32)[0]      # 40x64 > 32: resized to 20x32, then padded (6 rows above)
     assert small['image'].shape == (3, 32, 32) and small['meta']['size'] == (40, 64)
-    assert (small['semseg'][20:] == 255).all() and (small['semseg'][:20] != 255).any()
+    assert (small['semseg'][:6] == 255).all() and (small['semseg'][26:] == 255).all()
+    assert (small['semseg'][6:26] != 255).any()
     assert data.restore_size(small['image'], (40, 64), 32).shape == (3, 40, 64)
-    assert torch.equal(data.restore_size(plain['semseg'], (40, 64), 64), plain['semseg'][:40])
+    assert torch.equal(data.restore_size(plain['semseg'], (40, 64), 64), plain['semseg'][12:52])
+
+
+def test_centred_pad_of_an_odd_size_and_its_restore():
+    """A 29x37 sample on a 48x50 canvas: top (48 - 29) // 2 = 9, left (50 - 37) // 2 = 6, as their PadImage;
+    the image on the mean colour, depth and normals on 0, labels on ignore; restore_size inverts it."""
+    g = torch.Generator().manual_seed(0)
+    sample = {'image': torch.rand(3, 29, 37, generator=g), 'semseg': torch.randint(0, 21, (29, 37), generator=g),
+              'depth': torch.rand(1, 29, 37, generator=g) + 1, 'normals': torch.rand(3, 29, 37, generator=g) - 0.5,
+              'saliency': torch.ones(1, 29, 37), 'meta': {'id': 'x'}}
+    out = data.fit_to_canvas(sample, (48, 50))
+    assert out['meta'] == {'id': 'x'}
+    fills = {'image': data.IMAGENET_MEAN, 'semseg': 255, 'depth': 0.0, 'normals': 0.0, 'saliency': 255}
+    for key, fill in fills.items():
+        x = out[key].reshape(-1, 48, 50)
+        expected = torch.empty_like(x)
+        expected[:] = torch.tensor(fill, dtype=x.dtype).reshape(-1, 1, 1)        # written out: every pixel
+        expected[:, 9:38, 6:43] = sample[key].reshape(-1, 29, 37)
+        assert torch.equal(x, expected), key
+        assert torch.equal(data.restore_size(out[key], (29, 37), (48, 50)), sample[key]), key
+
+
+def test_crop_is_redrawn_while_one_class_dominates():
+    """Their RandomCrop(cat_max_ratio=0.75), against an explicit loop over the same draws: a window is kept
+    once its labelled pixels hold > 1 class and none >= 75 % of them; after 10 redraws the 11th is kept."""
+    def varied(window):                                   # from the definition, in numpy
+        labels, counts = np.unique(window, return_counts=True)
+        counts = counts[labels != 255]
+        return len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+    assert not varied(np.array([1, 1, 1, 2, 255])) and varied(np.array([1, 1, 2, 255, 255]))
+    for counts, expected in (([3, 1], False), ([2, 1], True), ([5], False), ([], False), ([1, 1, 1], True)):
+        seg = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)] + [torch.full((4,), 255)])
+        assert data.classes_are_varied(seg) == expected == varied(seg.numpy()), counts
+    H, W, size = 40, 50, (16, 20)
+    seg = torch.ones(H, W, dtype=torch.int64)             # class 1 everywhere but a corner of class 2 ...
+    seg[26:, 36:] = 2
+    seg[:, :3] = 255                                      # ... and an ignored strip
+    sample = {'image': torch.rand(3, H, W), 'semseg': seg, 'depth': torch.rand(1, H, W)}
+    draws = {'kept first': 0, 'redrawn': 0, 'eleventh': 0}
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = data.random_crop(sample, size)
+        torch.manual_seed(seed)
+        for k in range(11):
+            top, left = int(torch.randint(H - size[0] + 1, ())), int(torch.randint(W - size[1] + 1, ()))
+            if k == 10 or varied(seg[top:top + 16, left:left + 20].numpy()):
+                break
+        draws['kept first' if k == 0 else 'eleventh' if k == 10 else 'redrawn'] += 1
+        for key in sample:
+            assert torch.equal(out[key], sample[key][..., top:top + 16, left:left + 20]), (seed, key)
+    assert all(n > 0 for n in draws.values()), draws
+    small = {'image': torch.rand(3, 10, 30), 'semseg': seg[:10, :30]}     # smaller than the crop: cut to it
+    torch.manual_seed(0)
+    out = data.random_crop(small, size)
+    assert out['image'].shape == (3, 10, 20) and out['semseg'].shape == (10, 20)
+
+
+def test_human_parts_rules_on_hand_built_annotations():
+    """As the releases' loader: background 0 where some person has parts; a person without parts is
+    background and overwrites nothing; without any part in view (the whole image, or after the crop) the
+    map is all ignore."""
+    from conftest import _struct
+    h, w = 12, 16
+    mask = lambda r0, r1, c0, c1: np.pad(np.ones((r1 - r0, c1 - c0), np.uint8), ((r0, h - r1), (c0, w - c1)))
+    with_parts = ('person', 15, mask(0, 8, 0, 8), _struct(('part_name', 'mask'), [('head', mask(0, 3, 0, 8)),
+                                                                                  ('torso', mask(3, 8, 0, 8))]))
+    partless = ('person', 15, mask(2, 12, 4, 16), np.zeros((0, 0)))     # overlaps the first person's parts
+    dog = ('dog', 12, mask(8, 12, 0, 4), _struct(('part_name', 'mask'), [('head', mask(8, 10, 0, 4))]))
+    anno = lambda objects: {'objects': _struct(('class', 'class_ind', 'mask', 'parts'), objects)}
+    import scipy.io, io
+    def roundtrip(objects):                              # through a real .mat file, as the loader reads it
+        f = io.BytesIO()
+        scipy.io.savemat(f, {'anno': anno(objects)})
+        f.seek(0)
+        return scipy.io.loadmat(f)['anno']
+    target = data.human_parts_target(roundtrip([with_parts, partless, dog]), (h, w))
+    expected = np.zeros((h, w), np.int64)
+    expected[0:3, 0:8], expected[3:8, 0:8] = 1, 2                        # head, torso; the rest background
+    assert np.array_equal(target, expected)
+    for objects in ([partless], [dog], [partless, dog]):                 # no person with parts
+        t = data.human_parts_target(roundtrip(objects), (h, w))
+        assert (t == 0).all()
+        assert (data.ignore_partless(torch.from_numpy(t)) == 255).all()
+    parts = torch.from_numpy(target)
+    assert torch.equal(data.ignore_partless(parts), parts)
+    view = parts[8:, :]                                                  # a crop with only background
+    assert (data.ignore_partless(view) == 255).all()
+    padded = data.pad_sample({'human_parts': parts[:4, :4]}, (8, 8))['human_parts']   # parts + ignore: kept
+    assert torch.equal(data.ignore_partless(padded), padded)
 
 
 def test_pascal_augmentation_scales_crops_and_distorts(tmp_path):
@@ -408,7 +510,7 @@ def test_pascal_augmentation_scales_crops_and_distorts(tmp_path):
     vectors = lambda n: set(map(tuple, n.flatten(1).T.tolist()))                  # {(x, y, z)} of a map
     mirrored = plain['normals'] * torch.tensor([-1.0, 1, 1]).view(3, 1, 1)
     normals = vectors(plain['normals']) | vectors(mirrored)
-    images = []
+    images, padded = [], 0
     for seed in range(6):
         torch.manual_seed(seed)
         s = ds[0]
@@ -416,15 +518,50 @@ def test_pascal_augmentation_scales_crops_and_distorts(tmp_path):
         assert set(s['semseg'].unique().tolist()) <= labels                          # nearest: no new labels
         assert vectors(s['normals']) <= normals                                      # nearest (or mirrored)
         assert 0 <= s['image'].min() and s['image'].max() <= 1
+        pad = s['saliency'][0] == 255                # the padding: distortion before the pad leaves it the mean
+        padded += bool(pad.any())
+        assert torch.equal(s['image'][:, pad], torch.tensor(data.IMAGENET_MEAN).view(3, 1).expand(3, int(pad.sum())))
         torch.manual_seed(seed)
         again = ds[0]
         assert all(torch.equal(s[k], again[k]) for k in ('image', 'semseg', 'normals'))   # seeded
         images.append(s['image'])
     assert len({round(float(x.mean()), 6) for x in images}) == 6                   # every draw differs
+    assert padded > 0
     torch.manual_seed(0)
     x = torch.rand(3, 8, 8)
     changed = [not torch.equal(data.photometric_distortion(x), x) for _ in range(8)]
     assert any(changed)
+
+
+def test_photometric_colours_are_opencv_hsv_by_hand(monkeypatch):
+    """Saturation and hue as OpenCV's HSV model moves them (colorsys: the same hexcone model): S scaled and
+    clipped at 1 with H and V kept; H turned by k x 2 degrees with S and V kept; k an integer in [-18, 17] and
+    the saturation factor in [0.5, 1.5], as their PhotoMetricDistortion draws them."""
+    import colorsys
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 5, 6, generator=g, dtype=torch.float64)
+    x[:, 0, 0], x[:, 0, 1], x[:, 0, 2] = 0.5, 0.0, torch.tensor([1.0, 0.2, 0.0])     # grey, black, saturated
+    pixels = x.flatten(1).T.tolist()
+    def by_hand(fn):
+        return torch.tensor([fn(*colorsys.rgb_to_hsv(*p)) for p in pixels], dtype=torch.float64).T.reshape(x.shape)
+    for factor in (0.5, 1.0, 1.3, 4.0):
+        expected = by_hand(lambda h, s, v: colorsys.hsv_to_rgb(h, min(s * factor, 1.0), v))
+        torch.testing.assert_close(data.adjust_hsv_saturation(x, factor), expected, atol=1e-12, rtol=0)
+    x32 = x.float()
+    for k in (-18, -7, 0, 5, 17):
+        expected = by_hand(lambda h, s, v: colorsys.hsv_to_rgb((h + k / 180) % 1.0, s, v)).float()
+        torch.testing.assert_close(data.shift_hue(x32, k), expected, atol=1e-5, rtol=0)
+    drawn = {'hue': [], 'saturation': []}
+    hue, saturation = data.shift_hue, data.adjust_hsv_saturation
+    monkeypatch.setattr(data, 'shift_hue', lambda im, k: (drawn['hue'].append(k), hue(im, k))[1])
+    monkeypatch.setattr(data, 'adjust_hsv_saturation', lambda im, f: (drawn['saturation'].append(f), saturation(im, f))[1])
+    for seed in range(600):
+        torch.manual_seed(seed)
+        out = data.photometric_distortion(x32)
+        assert 0 <= out.min() and out.max() <= 1
+    assert all(isinstance(k, int) for k in drawn['hue']) and set(drawn['hue']) == set(range(-18, 18))
+    assert 0.5 <= min(drawn['saturation']) < 0.55 and 1.45 < max(drawn['saturation']) <= 1.5
+    assert 250 < len(drawn["hue"]) < 350 and 250 < len(drawn["saturation"]) < 350   # each with p = 1/2
 
 
 def test_pascal_normals_classes_from_release_json(pascal):
@@ -433,8 +570,14 @@ def test_pascal_normals_classes_from_release_json(pascal):
         json.dump(['aeroplane', 'chair', 'unknown'], f)   # aeroplane valid, wall not
     with open(os.path.join(root, 'json', 'context_classes.json'), 'w') as f:
         json.dump({'aeroplane': 2, 'wall': 440, 'unknown': 431}, f)
-    s = data.PASCALContext(root, tasks=('normals',), size=48)[0]
-    assert (s['normals'][:, :30, 20:40] == 0).all() and (s['normals'][:, :30, :20] != 0).any()
+    normals = lambda: data.restore_size(data.PASCALContext(root, tasks=('normals',), size=48)[0]['normals'], (30, 40), 48)
+    n = normals()
+    assert (n[:, :, 20:] == 0).all() and (n[:, :, :20] != 0).any()
+    with open(os.path.join(root, 'json', 'context_classes.json'), 'w') as f:   # 'wall' renamed 'tvmonitor' ...
+        json.dump({'aeroplane': 2, 'tvmonitor': 440, 'unknown': 431}, f)
+    n = normals()                                     # ... is valid although no NYU class: the releases add it
+    assert (n[:, :, 20:] != 0).any() and (n[:, :, :20] != 0).any()
+    assert data.PASCALContext(root, tasks=('normals',), size=48).valid_normal_classes.tolist() == [2, 440]
     os.remove(os.path.join(root, 'json', 'context_classes.json'))
     data.PASCALContext(root, tasks=('semseg', 'edge'), size=48)          # only normals need the class lists
     with pytest.raises(FileNotFoundError, match=r'json/nyu_classes.json and json/context_classes.json'):

@@ -404,27 +404,67 @@ def test_ctal_conv_in_is_a_plain_conv_on_cnns_and_conv_bn_relu_on_swin():
 # ----------------------------------------------------------------------------------------------------
 # backbones: the authors' functions
 
-def test_hrnet_fuse_upsamples_bilinearly_to_the_target_branch_size():
-    """One fuse output of the last HRNet module recomputed by hand: branch i gets every coarser branch j
-    through Conv1x1 + BN + F.interpolate(size=branch i's size, bilinear), then a ReLU."""
+def authors_fuse_by_hand(module, xs, authors):
+    """A fuse module's outputs from the definitions: branch i gets every coarser branch j through Conv1x1 + BN
+    and a bilinear resize to branch i's size (the CTAL authors' HRNet) or an x2^(j-i) bilinear upsample and
+    then that resize (ATRC's mmseg HRNet), every finer branch through the strided convs, then a ReLU."""
+    branch = [b(x) for b, x in zip(module.branches, xs)]
+    out = []
+    for i in range(len(xs)):
+        y = branch[i].clone()
+        for j in range(len(xs)):
+            if j > i:
+                conv, bn = module.fuse_layers[i][j][0], module.fuse_layers[i][j][1]
+                z = bn(conv(branch[j]))
+                if authors == 'atrc':
+                    z = F.interpolate(z, scale_factor=2 ** (j - i), mode='bilinear', align_corners=False)
+                y += F.interpolate(z, size=xs[i].shape[-2:], mode='bilinear', align_corners=False)
+            elif j < i:
+                y += module.fuse_layers[i][j](branch[j])
+        out.append(torch.relu(y))
+    return out
+
+
+@pytest.mark.parametrize('authors', ['ctal', 'atrc'])
+def test_hrnet_fuse_upsamples_as_the_authors_hrnet(authors):
+    """The first (two-branch) and the last (four-branch) fuse of the HRNet recomputed by hand at odd branch
+    sizes, where the two authors' fuses differ: the CTAL authors' resize straight to the size, ATRC's
+    upsample by the factor first (11x14 <- 6x7: 12x14, then 11x14)."""
     torch.manual_seed(0)
-    net = HRNetBackbone().net.double().eval()
-    module = [m for m in net.modules() if isinstance(m, HighResolutionModule)][-1]
+    net = HRNetBackbone(authors=authors).net.double().eval()
+    modules = [m for m in net.modules() if isinstance(m, HighResolutionModule)]
     sizes = [(11, 14), (6, 7), (3, 4), (2, 2)]                            # odd: no factor of 2 fits
-    xs = [torch.randn(1, c, *hw, dtype=torch.float64) for c, hw in zip((18, 36, 72, 144), sizes)]
-    with torch.no_grad():
-        out = module(list(xs))
-        branch = [b(x) for b, x in zip(module.branches, xs)]
-        for i in range(4):
-            y = branch[i].clone()
-            for j in range(4):
-                if j > i:
-                    conv, bn = module.fuse_layers[i][j][0], module.fuse_layers[i][j][1]
-                    y += F.interpolate(bn(conv(branch[j])), size=sizes[i], mode='bilinear', align_corners=False)
-                elif j < i:
-                    y += module.fuse_layers[i][j](branch[j])
-            torch.testing.assert_close(out[i], torch.relu(y), rtol=1e-12, atol=1e-12)
+    other = HRNetBackbone(authors='atrc' if authors == 'ctal' else 'ctal').net.double().eval()
+    other.load_state_dict(net.state_dict())
+    other_modules = [m for m in other.modules() if isinstance(m, HighResolutionModule)]
+    for module, twin in ((modules[0], other_modules[0]), (modules[-1], other_modules[-1])):
+        n = module.num_branches
+        xs = [torch.randn(1, c, *hw, dtype=torch.float64) for c, hw in zip((18, 36, 72, 144)[:n], sizes)]
+        with torch.no_grad():
+            out, expected, theirs = module(list(xs)), authors_fuse_by_hand(module, xs, authors), twin(list(xs))
+        for y, e in zip(out, expected):
+            torch.testing.assert_close(y, e, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(out[0], theirs[0], rtol=1e-3, atol=1e-3)      # the other authors' fuse differs
+        even = [torch.randn(1, c, 16 // 2 ** k, 16 // 2 ** k, dtype=torch.float64) for k, c in enumerate((18, 36, 72, 144)[:n])]
+        with torch.no_grad():
+            for y, t in zip(module(list(even)), twin(list(even))):               # ... but not where sizes halve
+                torch.testing.assert_close(y, t, rtol=1e-12, atol=1e-12)
     assert not any(isinstance(m, torch.nn.Upsample) for m in net.modules())
+
+
+def test_atrc_computes_atrcs_hrnet_and_the_ctal_family_the_ctal_authors():
+    """atrc / atrc_ms run the mmseg fuse with BN momentum 0.1 (ATRC's HRNet); every other model the CTAL
+    authors' fuse with 0.01; hrnet_bn_momentum overrides either."""
+    from model import AuthorsFuseModule, MMSegFuseModule
+    kinds = lambda backbone: {type(m) for m in backbone.modules() if isinstance(m, HighResolutionModule)}
+    momenta = lambda backbone: {m.momentum for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for name in ('atrc', 'atrc_ms'):
+        backbone = build_model(name, NYU, (64, 96)).backbone
+        assert kinds(backbone) == {MMSegFuseModule} and momenta(backbone) == {0.1}, name
+    for name in ('ctal_ss', 'mtinet', 'tif'):
+        backbone = build_model(name, NYU, (64, 96)).backbone
+        assert kinds(backbone) == {AuthorsFuseModule} and momenta(backbone) == {0.01}, name
+    assert momenta(build_model('atrc', NYU, (64, 96), hrnet_bn_momentum=0.01).backbone) == {0.01}
 
 
 def test_hrnet_batchnorm_momentum_is_the_authors_0_01():
@@ -441,8 +481,9 @@ def test_hrnet_bn_momentum_option_reaches_every_backbone_norm_and_nothing_else()
     ss = build_model('ctal_ss', CITY, (64, 128), hrnet_bn_momentum=0.5)
     assert {m.momentum for m in ss.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.5}
     assert {m.momentum for m in ss.initial_heads.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
-    with pytest.raises(ValueError, match='hrnet_bn_momentum'):
-        build_model('mtl', CITY, (64, 128), hrnet_bn_momentum=0)
+    for bad in (0, 2, 'fast'):
+        with pytest.raises(ValueError, match=r'hrnet_bn_momentum must be None or in \(0, 1\]'):
+            build_model('mtl', CITY, (64, 128), hrnet_bn_momentum=bad)
 
 
 def test_hrnet_models_run_at_the_atrc_papers_nyud_size():
@@ -689,3 +730,30 @@ def test_wrong_input_size_is_a_clear_error():
     model = build_model('ctal_ss', CITY, (64, 128))
     with pytest.raises(ValueError, match=r"built for.*img_size=\(64, 96\)"):
         model(torch.randn(1, 3, 64, 96))
+
+
+def test_input_norm_is_the_authors_imagenet_normalisation_and_is_not_saved():
+    """image_norm makes the model's first step (x - mean) / std per channel (the authors' PASCAL Normalize after
+    / 255): same weights -> the plain model's outputs on the hand-normalised image; the state dict is the same,
+    and the canvas' mean colour becomes exactly 0. train.build_net sets it from the dataset (PASCAL only)."""
+    import data
+    import train
+    from model import InputNorm
+    norm = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    plain = build_model('mtl', CITY, (64, 64)).double().eval()
+    normed = build_model('mtl', CITY, (64, 64), image_norm=norm).double().eval()
+    assert normed.state_dict().keys() == plain.state_dict().keys()
+    normed.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    mean, std = (torch.tensor(v, dtype=torch.float32).double().view(1, 3, 1, 1) for v in norm)   # float32 buffers
+    with torch.no_grad():
+        a, b = normed(x), plain((x - mean) / std)
+    for t in CITY:
+        torch.testing.assert_close(a[t], b[t], rtol=1e-12, atol=1e-12)
+    canvas = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert (InputNorm(*norm)(canvas) == 0).all()
+    cfg = {'model': 'mtl', 'tasks': ['semseg'], 'backbone': 'hrnet18', 'pretrained': None, 'scale': 0.25,
+           'gamma': 0.05, 'ctal_impl': 'auto', 'ctal_fusion': 'shared', 'pap_iters': 1, 'pap_affinity': 'code',
+           'fpm_softmax': 'code', 'hrnet_bn_momentum': None, 'genotype': None, 'atrc_search': False}
+    assert isinstance(train.build_net(dict(cfg, dataset='pascal'), (64, 64), 'cpu').input_norm, InputNorm)
+    assert isinstance(train.build_net(dict(cfg, dataset='nyuv2'), (64, 64), 'cpu').input_norm, torch.nn.Identity)

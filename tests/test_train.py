@@ -70,7 +70,9 @@ def test_overrides_are_parsed_against_the_defaults_types(tmp_path):
     (['--lr=0'], 'lr=0.0: must be > 0'),
     (['--model=ctl'], "argument --model: invalid choice: 'ctl' (choose from 'stl', 'mtl'"),
     (['--dataset=kitti'], "argument --dataset: invalid choice: 'kitti'"),
-    (['--scheduler=step'], "invalid choice: 'step' (choose from 'cosine', 'cosine_restarts', 'none')"),
+    (['--scheduler=step'], "invalid choice: 'step' (choose from 'cosine', 'cosine_restarts', 'none', 'poly')"),
+    (['--optimizer=lamb'], "argument --optimizer: invalid choice: 'lamb' (choose from 'adam', 'sgd')"),
+    (['--iters=-3'], 'iters=-3: must be >= 0'),
     (['--ctal_impl=fast'], "argument --ctal_impl: invalid choice: 'fast'"),
     (['--device=tpu'], "device='tpu'"),
     (['--tasks=semseg,edge'], "tasks='semseg,edge'"),
@@ -109,6 +111,7 @@ def test_every_config_follows_the_recipe():
         {'synthetic_stl', 'synthetic_mtl', 'synthetic_ctal_ss', 'synthetic_tif', 'synthetic_atrc'}
     found = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))}
     assert expected <= found
+    found -= {'recipe_atrc', 'recipe_tif'}                            # recipes to layer over these (tested below)
     recipe = {'nyuv2': (1e-4, 1e-4, 200, 0.0, 'hrnet18'), 'cityscapes': (5e-4, 1e-4, 75, 0.0, 'hrnet18'),
               'pascal': (2e-5, 1e-5, 70, 0.0, 'swinv2_s')}
     for name in sorted(found):
@@ -129,9 +132,14 @@ def test_every_config_follows_the_recipe():
         assert cfg['scheduler'] == ('cosine_restarts' if ms else 'cosine'), name
         assert cfg['restart_period'] is None and cfg['restart_mult'] == 2, name
         assert cfg['normals_loss'] == ('l1' if dataset == 'pascal' else 'cosine'), name
-        if dataset == 'pascal':
+        assert (cfg['optimizer'], cfg['iters']) == ('adam', 0), name               # ATRC's: configs/recipe_atrc.py
+        if model == 'stl':                               # their STL: each network on its own unweighted loss
+            assert set(cfg['loss_weights'].values()) == {1.0}, name
+        elif dataset == 'pascal':
             assert cfg['loss_weights'] == {'semseg': 2.0 if model == 'ctal_ss' else 1.0, 'human_parts': 2.0,
                                            'saliency': 5.0, 'edge': 50.0, 'normals': 10.0}, name
+        elif dataset == 'cityscapes':
+            assert cfg['loss_weights'] == {'semseg': 1.0, 'depth': 10.0}, name
 
 
 def test_schedulers_match_the_formulas():
@@ -140,7 +148,7 @@ def test_schedulers_match_the_formulas():
     def lrs(**kw):
         cfg = train.parse_config([f'--{k}={v}' for k, v in kw.items()])
         opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg['lr'])
-        sched = train.make_scheduler(opt, cfg)
+        sched = train.make_scheduler(opt, cfg, cfg['epochs'], None)
         out = []
         for _ in range(cfg['epochs']):
             out.append(opt.param_groups[0]['lr'])
@@ -155,6 +163,52 @@ def test_schedulers_match_the_formulas():
            [0.5 * (1 + math.cos(math.pi * (e - 25) / 50)) / 2 for e in range(25, 75)]
     assert warm == pytest.approx(hand)
     assert lrs(epochs=4, lr=0.2, scheduler='none') == pytest.approx([0.2] * 4)
+    # ATRC's PolynomialLR over 40 iterations: lr_t = lr (1 - t / 40) ** 0.9, stepped after every optimiser step
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = train.make_scheduler(opt, train.parse_config(['--scheduler=poly']), None, 40)
+    poly = []
+    for _ in range(40):
+        poly.append(opt.param_groups[0]['lr'])
+        opt.step()
+        sched.step()
+    assert poly == pytest.approx([0.01 * (1 - t / 40) ** 0.9 for t in range(40)], rel=1e-12, abs=1e-15)
+    assert opt.param_groups[0]['lr'] == 0
+
+
+def test_atrc_recipe_trains_by_iterations_with_sgd_and_poly(synthetic_root, tmp_path):
+    """configs/recipe_atrc.py over a model config is ATRC's recipe; a run of `iters` steps stops mid-epoch
+    (5 steps of 2 per epoch: 3 epochs, the last one step), steps the poly LR after every step and evaluates
+    its last epoch; SGD with momentum 0.9 and the config's weight decay."""
+    recipe = train.parse_config([os.path.join(ROOT, 'configs', 'nyuv2_atrc.py'), os.path.join(ROOT, 'configs', 'recipe_atrc.py')])
+    assert (recipe['model'], recipe['optimizer'], recipe['lr'], recipe['weight_decay'], recipe['scheduler'],
+            recipe['iters'], recipe['batch_size']) == ('atrc', 'sgd', 0.01, 5e-4, 'poly', 40000, 8)
+    tif = train.parse_config([os.path.join(ROOT, 'configs', 'nyuv2_tif.py'), os.path.join(ROOT, 'configs', 'recipe_tif.py')])
+    assert (tif['optimizer'], tif['lr'], tif['scheduler'], tif['iters']) == ('sgd', 0.01, 'poly', 50000)
+    out = tmp_path / 'run'
+    assert train.main(tiny_args(synthetic_root, out, '--model=mtl', '--max_iters=2', '--optimizer=sgd', '--lr=0.01',
+                                '--weight_decay=5e-4', '--scheduler=poly', '--iters=5', '--vis_images=0')) == 0
+    steps = read_log(out)
+    assert [(r['epoch'], r['iter'], r['step']) for r in steps] == [(0, 1, 1), (0, 2, 2), (1, 1, 3), (1, 2, 4), (2, 1, 5)]
+    assert [r['lr'] for r in steps] == pytest.approx([0.01 * (1 - t / 5) ** 0.9 for t in range(1, 6)], abs=1e-15)
+    assert [e['epoch'] for e in read_log(out, 'eval')] == [1, 2, 3]
+    with open(out / 'results.json') as f:
+        res = json.load(f)
+    assert (res['epochs'], res['steps']) == (3, 5)
+    group = torch.load(out / 'ckpt.pt', weights_only=False)['optimizer']['param_groups'][0]
+    assert (group['momentum'], group['weight_decay'], group['nesterov']) == (0.9, 5e-4, False)
+    assert set(group) >= {'dampening'} and 'betas' not in group                       # torch.optim.SGD
+
+
+def test_real_data_from_random_weights_warns_once(synthetic_root, tmp_path, capsys):
+    """The synthetic files in the NYUv2 format read as nyuv2: a real dataset, so starting from random weights
+    prints one warning line saying what the papers did and how to pass weights; synthetic runs do not."""
+    args = tiny_args(synthetic_root, tmp_path / 'a', '--model=mtl', '--max_iters=1', '--epochs=1', '--vis_images=0')
+    assert train.main(args + ['--dataset=nyuv2']) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning:')]
+    assert len(lines) == 1 and 'random weights' in lines[0] and 'ImageNet' in lines[0] and '--pretrained=' in lines[0]
+    assert train.main(tiny_args(synthetic_root, tmp_path / 'b', '--model=mtl', '--max_iters=1', '--epochs=1',
+                                '--vis_images=0')) == 0
+    assert 'warning:' not in capsys.readouterr().out
 
 
 def test_loss_is_initial_plus_final_with_multiscale_mean():

@@ -296,3 +296,28 @@ def test_predict_writes_one_coloured_picture_per_image(finished_run, tmp_path, c
         assert len(np.unique(png.reshape(-1, 3), axis=0)) > 20            # coloured, not blank
     assert predict.main([str(finished_run[1] / 'config.json'), paths[0]]) == 1
     assert 'not a readable checkpoint' in capsys.readouterr().err
+
+
+def test_predict_prepares_a_pascal_image_as_the_evaluation_does():
+    """On a PASCAL-Context checkpoint predict.py feeds the model the evaluation's canvas (the 29x37 image
+    centred at (17, 13) on the mean colour of a 64x64 canvas, normalised by the model) and cuts each
+    prediction back to the image, instead of stretching the image to the canvas."""
+    import data
+    cfg = {'dataset': 'pascal', 'model': 'mtl', 'tasks': ['semseg', 'saliency'], 'backbone': 'hrnet18',
+           'pretrained': None, 'scale': 0.25, 'gamma': 0.05, 'ctal_impl': 'auto', 'ctal_fusion': 'shared',
+           'pap_iters': 1, 'pap_affinity': 'code', 'fpm_softmax': 'code', 'hrnet_bn_momentum': None,
+           'genotype': None, 'atrc_search': False}
+    torch.manual_seed(0)
+    net = train.build_net(cfg, (64, 64), torch.device('cpu')).eval()
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    image = torch.rand(3, 29, 37)
+    with torch.no_grad():
+        pred = predict.predict_image(net, image, cfg, (64, 64), torch.device('cpu'))
+        canvas = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1).repeat(1, 64, 64)
+        canvas[:, 17:46, 13:50] = image
+        assert len(seen) == 1 and torch.equal(seen[0], canvas[None])
+        out = net(canvas[None])
+    for t in cfg['tasks']:
+        assert pred[t].shape[-2:] == (29, 37)
+        assert torch.equal(pred[t], out[t][..., 17:46, 13:50])
