@@ -32,6 +32,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """A test that runs a command-line main() (e.g. `data.py check` sets one thread, as in a DataLoader worker)
+    must not change the thread count of the tests after it: float sums, and so the losses, depend on it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='module')
 def synthetic_root(tmp_path_factory):
     """8 train / 4 val synthetic scenes of 32x64 (the smallest input the backbones take), once per module."""
