@@ -11,12 +11,13 @@ torch RNG, so `torch.manual_seed` + a seeded DataLoader reproduce every batch) -
     'depth'                   float32 (1, H, W), 0 = invalid
     'normals'                 float32 (3, H, W), all-zero vector = invalid
     'saliency', 'edge'        float32 (1, H, W) in {0, 1}, 255 = ignore
-    'meta' (PASCAL only)      {'id': str, 'size': (h, w) of the original image}
+    'meta' (pascal / nyud)    {'id': str, 'size': (h, w) of the original image}
 
 All samples of a split have the same (H, W), so the default collate works.
 
-Formats: NYUv2 and Cityscapes as MTAN's preprocessed .npy release, PASCAL-Context as the PASCAL_MT folder
-of the ATRC / Multi-Task-Learning-PyTorch releases (SOURCES and TREES below say where and what).
+Formats: NYUv2 and Cityscapes as MTAN's preprocessed .npy release, PASCAL-Context and NYUD-v2 (nyud) as the
+PASCAL_MT and NYUD_MT folders of the ATRC / Multi-Task-Learning-PyTorch releases (SOURCES and TREES below say
+where and what); the last two go through ATRC's pipeline (CanvasDataset, atrc_augment).
 `python data.py check DATASET ROOT` reads a whole split (validating every sample) and prints samples/s.
 """
 import argparse
@@ -38,7 +39,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # output channels; the input size (H, W) and backbone of the papers (CTAL paper Sec. 3.1; synthetic:
 # synthetic.py's default); validation images; the loss weights of the authors' code (each config file
 # repeats its own, so a recipe reads complete; PASCAL semseg is 2.0 for CTAL, 1.0 for the other models);
-# image_norm: the (mean, std) the model normalises its input by, where the authors' pipeline does.
+# image_norm: the (mean, std) the model normalises its input by, where the authors' pipeline does;
+# canvas: the images are read at their own size and placed on a canvas of `size` (data.CanvasDataset, ATRC's
+# pipeline), where MTAN's files are stored at the model's size; edge_pos_weight: the positive weight of the
+# edge loss (ATRC's datasets: PASCAL 0.95, NYUD 0.8). nyud is NYUD-v2 as ATRC and TIF report it (NYUD_MT:
+# 40 classes, edges, 425x560, ATRC's loss weights), beside nyuv2, MTAN's release that the CTAL papers use.
 DATASETS = {
     'nyuv2': dict(tasks={'semseg': 13, 'depth': 1, 'normals': 3}, size=(288, 384), val_images=654,
                   backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}),
@@ -47,7 +52,11 @@ DATASETS = {
     'pascal': dict(tasks={'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1},
                    size=(512, 512), val_images=5105, backbone='swinv2_s',
                    loss_weights={'semseg': 2.0, 'human_parts': 2.0, 'saliency': 5.0, 'edge': 50.0,
-                                 'normals': 10.0}, image_norm=(IMAGENET_MEAN, IMAGENET_STD)),
+                                 'normals': 10.0}, image_norm=(IMAGENET_MEAN, IMAGENET_STD), canvas=True,
+                   edge_pos_weight=0.95),
+    'nyud': dict(tasks={'semseg': 40, 'depth': 1, 'normals': 3, 'edge': 1}, size=(425, 560), val_images=654,
+                 backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 1.0, 'normals': 10.0, 'edge': 50.0},
+                 image_norm=(IMAGENET_MEAN, IMAGENET_STD), canvas=True, edge_pos_weight=0.8),
     'synthetic': dict(tasks={'semseg': 13, 'depth': 1, 'normals': 3}, size=(96, 128), val_images=100,
                       backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}),
 }
@@ -71,6 +80,10 @@ SOURCES = {
               "val) of the ATRC (https://github.com/brdav/atrc) and Multi-Task-Learning-PyTorch "
               "(https://github.com/SimonVandenhende/Multi-Task-Learning-PyTorch) releases; unpack it "
               "and pass the PASCAL_MT folder as root",
+    'nyud': "the NYUD_MT folder (NYUD-v2 with 40 classes, depth, normals and edges, 795 train / 654 val, "
+            "425x560) of the ATRC (https://github.com/brdav/atrc, src/data/nyud.py) and "
+            "Multi-Task-Learning-PyTorch releases; unpack it and pass the NYUD_MT folder as root (or render a "
+            "synthetic one: `python synthetic.py ROOT --layout nyud_mt`)",
     'synthetic': "nowhere: generate it with `python synthetic.py ROOT` (or synthetic.make_synthetic)",
 }
 TREES = {
@@ -96,6 +109,13 @@ TREES = {
   json/nyu_classes.json, json/context_classes.json   the class lists that decide where the
                                                      distilled normals are valid""",
 }
+TREES['nyud'] = """ROOT/   (the NYUD_MT folder)
+  images/<id>.jpg
+  gt_sets/train.txt, val.txt       one <id> per line
+  segmentation/<id>.png            (H, W) 0 = void, classes 1..40
+  depth/<id>.npy                   (H, W) metres, 0 = invalid
+  normals/<id>.npy                 (H, W, 3) in [-1, 1], zero vector = invalid
+  edge/<id>.npy                    (H, W) 1 = edge, 0 = none"""
 TREES['synthetic'] = TREES['nyuv2']
 
 
@@ -267,15 +287,16 @@ def scale_crop(sample, scale, top, left):
     return out
 
 
-# The PASCAL-Context pipeline of the authors' transformer code (code_transformer/config.py
-# get_transformations and data/transforms.py, ATRC's pipeline reused: brdav/atrc src/data/pl_data.py).
-PASCAL_SCALE_RANGE = (0.5, 2.0)      # random scale U(0.5, 2)
-PASCAL_CAT_MAX_RATIO = 0.75          # crop redrawn while one class covers >= 75 % of its labelled pixels ...
-PASCAL_CROP_REDRAWS = 10             # ... at most 10 times; the 11th window is kept unchecked
-PASCAL_BRIGHTNESS = 32 / 255         # photometric distortion on [0, 1] images (theirs: 32 on 0..255)
-PASCAL_CONTRAST = (0.5, 1.5)
-PASCAL_SATURATION = (0.5, 1.5)
-PASCAL_HUE_STEPS = (-18, 17)         # hue shift: an integer number of OpenCV hue units (2 degrees), inclusive
+# ATRC's training pipeline (brdav/atrc src/data/pl_data.py, transforms.py), for PASCAL-Context and NYUD_MT;
+# the CTAL authors' transformer code reuses it for PASCAL-Context (code_transformer/config.py
+# get_transformations, data/transforms.py).
+ATRC_SCALE_RANGE = (0.5, 2.0)        # random scale U(0.5, 2)
+ATRC_CAT_MAX_RATIO = 0.75            # crop redrawn while one class covers >= 75 % of its labelled pixels ...
+ATRC_CROP_REDRAWS = 10               # ... at most 10 times; the 11th window is kept unchecked
+ATRC_BRIGHTNESS = 32 / 255           # photometric distortion on [0, 1] images (theirs: 32 on 0..255)
+ATRC_CONTRAST = (0.5, 1.5)
+ATRC_SATURATION = (0.5, 1.5)
+ATRC_HUE_STEPS = (-18, 17)           # hue shift: an integer number of OpenCV hue units (2 degrees), inclusive
 
 
 def _uniform(low, high):
@@ -307,12 +328,12 @@ def photometric_distortion(image):
     colour model (OpenCV's HSV) in float arithmetic: their uint8 rounding between the steps is left out
     (README Fidelity table)."""
     if float(torch.rand(())) < 0.5:
-        image = (image + _uniform(-PASCAL_BRIGHTNESS, PASCAL_BRIGHTNESS)).clamp(0, 1)
+        image = (image + _uniform(-ATRC_BRIGHTNESS, ATRC_BRIGHTNESS)).clamp(0, 1)
     contrast_first = float(torch.rand(())) < 0.5
     steps = [
-        lambda x: (x * _uniform(*PASCAL_CONTRAST)).clamp(0, 1),          # their contrast: a plain gain
-        lambda x: adjust_hsv_saturation(x, _uniform(*PASCAL_SATURATION)).clamp(0, 1),
-        lambda x: shift_hue(x, int(torch.randint(PASCAL_HUE_STEPS[0], PASCAL_HUE_STEPS[1] + 1, ()))),
+        lambda x: (x * _uniform(*ATRC_CONTRAST)).clamp(0, 1),          # their contrast: a plain gain
+        lambda x: adjust_hsv_saturation(x, _uniform(*ATRC_SATURATION)).clamp(0, 1),
+        lambda x: shift_hue(x, int(torch.randint(ATRC_HUE_STEPS[0], ATRC_HUE_STEPS[1] + 1, ()))),
     ]
     order = steps if contrast_first else steps[1:] + steps[:1]
     for step in order:
@@ -326,7 +347,7 @@ def _crop_window(shape, size):
     return tuple(int(torch.randint(max(n - s, 0) + 1, ())) for n, s in zip(shape, size))
 
 
-def classes_are_varied(semseg, max_ratio=PASCAL_CAT_MAX_RATIO):
+def classes_are_varied(semseg, max_ratio=ATRC_CAT_MAX_RATIO):
     """Their crop test: more than one labelled class, and none covering >= max_ratio of the labelled pixels."""
     counts = torch.bincount(semseg[semseg != IGNORE].flatten())
     counts = counts[counts > 0]
@@ -335,12 +356,12 @@ def classes_are_varied(semseg, max_ratio=PASCAL_CAT_MAX_RATIO):
 
 def random_crop(sample, size):
     """Their RandomCrop(cat_max_ratio=0.75): a random window of `size`, cut to the image where the image is
-    smaller; while its semseg is not `classes_are_varied`, redrawn up to PASCAL_CROP_REDRAWS times (without a
+    smaller; while its semseg is not `classes_are_varied`, redrawn up to ATRC_CROP_REDRAWS times (without a
     semseg task, the first window)."""
     shape = tuple(sample['image'].shape[-2:])
     top, left = _crop_window(shape, size)
     if 'semseg' in sample:
-        for _ in range(PASCAL_CROP_REDRAWS):
+        for _ in range(ATRC_CROP_REDRAWS):
             if classes_are_varied(sample['semseg'][top:top + size[0], left:left + size[1]]):
                 break
             top, left = _crop_window(shape, size)
@@ -354,13 +375,13 @@ def pad_centred(sample, size):
     return pad_sample(sample, size, (H - h) // 2, (W - w) // 2, image_fill=IMAGENET_MEAN)
 
 
-def pascal_augment(sample, size):
-    """The authors' PASCAL-Context training augmentation on a sample at its original size, in their order:
+def atrc_augment(sample, size):
+    """ATRC's training augmentation (PASCAL-Context, NYUD_MT) on a sample at its original size, in their order:
     random scale U(0.5, 2) (image bilinear, targets nearest; depth / scale), a random crop of at most `size`
     (`random_crop`: redrawn while one class dominates), horizontal flip with p = 1/2, the photometric
     distortion, then the centred pad to exactly `size` (the normalisation follows in the model)."""
     h, w = sample['image'].shape[-2:]
-    s = _uniform(*PASCAL_SCALE_RANGE)
+    s = _uniform(*ATRC_SCALE_RANGE)
     out = resize_sample(sample, (int(h * s), int(w * s)))
     if 'depth' in out:
         out['depth'] = out['depth'] / s
@@ -591,31 +612,26 @@ def fit_to_canvas(sample, size):
     return pad_centred(sample, size)
 
 
-class PASCALContext(Dataset):
-    """PASCAL-Context multitask (PASCAL_MT), read as the authors' loader reads it. Training samples
-    (augment=True) go through their augmentation (`pascal_augment`: scale, crop, flip, photometric
-    distortion, centred pad to `size`). Otherwise images (at most 500 px a side) are padded centred to
-    `size` (int or (h, w)) on the ImageNet mean colour, targets with 'no value' (`fit_to_canvas`; an image
-    larger than `size` is first resized, aspect kept). `restore_size` maps a prediction back to the original
-    image (h, w) = sample['meta']['size']. The images stay in [0, 1]: the model normalises them
-    (DATASETS['pascal']['image_norm'])."""
-    name = 'pascal'
-    # where each entry of a sample is read from (the first pattern that exists); 'context' is the
-    # 459-class LabelMap: the edges are computed from it and it masks the normals
-    FILES = {'image': ('JPEGImages/{}.jpg',), 'semseg': ('semseg/VOC12/{}.png', 'semseg/pascal-context/{}.png'),
-             'human_parts': ('human_parts/{}.mat',), 'saliency': ('sal_distill/{}.png',),
-             'normals': ('normals_distill/{}.png',), 'context': ('pascal-context/trainval/{}.mat',)}
+class CanvasDataset(Dataset):
+    """The datasets of ATRC's pipeline (PASCAL-Context, NYUD_MT): ids listed in a split file, each sample's
+    files read at the image's own size, then placed on a canvas of `size` (int or (h, w)). Training samples
+    (augment=True) go through `atrc_augment` (scale, crop, flip, photometric distortion, centred pad);
+    otherwise `fit_to_canvas` (padded centred on the ImageNet mean colour, targets with 'no value'; an image
+    larger than `size` is first resized, aspect kept). `restore_size` maps a prediction back to the image's
+    (h, w) = sample['meta']['size']. The images stay in [0, 1]: the model normalises them (image_norm).
+    A subclass names its files (FILES: entry -> path patterns, the first that exists) and list (LIST) and
+    reads one sample (`_load`)."""
+    name = FILES = LIST = None
 
-    def __init__(self, root, split='train', tasks=('semseg', 'human_parts', 'saliency', 'normals', 'edge'),
-                 size=DATASETS['pascal']['size'], augment=False):
+    def __init__(self, root, split, tasks, size, augment):
         self.tasks = _check_arguments(self.name, root, split, tasks)
         self.root, self.split, self.augment = root, split, augment
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        list_file = os.path.join(root, 'ImageSets', 'Context', f'{split}.txt')
+        self.list_name = self.LIST.format(split)
+        list_file = os.path.join(root, self.list_name)
         if not os.path.isfile(list_file):
-            raise _missing_data_error(self.name, root, f"the split list ImageSets/Context/{split}.txt")
-        needs = ['image'] + [t for t in self.tasks if t != 'edge']
-        needs += ['context'] if {'normals', 'edge'} & set(self.tasks) else []
+            raise _missing_data_error(self.name, root, f"the split list {self.list_name}")
+        needs = self.entries()
         for key in needs:
             folders = [os.path.dirname(p) + '/' for p in self.FILES[key]]
             if not any(os.path.isdir(os.path.join(root, d)) for d in folders):
@@ -623,9 +639,12 @@ class PASCALContext(Dataset):
         with open(list_file) as f:
             self.ids = [line.strip() for line in f if line.strip()]
         if not self.ids:
-            raise ValueError(f"pascal: {list_file} lists no image id")
+            raise ValueError(f"{self.name}: {list_file} lists no image id")
         self.files = [{key: self._find(key, id_) for key in needs} for id_ in self.ids]
-        self.valid_normal_classes = _normals_valid_classes(root) if 'normals' in self.tasks else None
+
+    def entries(self):
+        """The FILES entries a sample of this task set reads."""
+        return ['image', *self.tasks]
 
     def _find(self, key, id_):
         """The file of entry `key` of image `id_` (it must exist; its contents are checked when read)."""
@@ -633,11 +652,40 @@ class PASCALContext(Dataset):
         for path in paths:
             if os.path.isfile(path):
                 return path
-        raise FileNotFoundError(f"missing sample file {' or '.join(paths)} (listed in "
-                                f"ImageSets/Context/{self.split}.txt)")
+        raise FileNotFoundError(f"missing sample file {' or '.join(paths)} (listed in {self.list_name})")
 
     def __len__(self):
         return len(self.ids)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self.ids):
+            raise IndexError(f"{self.name} {self.split}: index {i} out of range 0..{len(self.ids) - 1}")
+        arrays, shape = self._load(i)
+        sample = {key: torch.from_numpy(x) if x.ndim == 2 else _chw(x) for key, x in arrays.items()}
+        sample = atrc_augment(sample, self.size) if self.augment else fit_to_canvas(sample, self.size)
+        if 'human_parts' in sample:
+            sample['human_parts'] = ignore_partless(sample['human_parts'])
+        sample['meta'] = {'id': self.ids[i], 'size': tuple(int(v) for v in shape)}
+        return sample
+
+
+class PASCALContext(CanvasDataset):
+    """PASCAL-Context multitask (PASCAL_MT), read as the authors' loader reads it (see CanvasDataset)."""
+    name = 'pascal'
+    # 'context' is the 459-class LabelMap: the edges are computed from it and it masks the normals
+    FILES = {'image': ('JPEGImages/{}.jpg',), 'semseg': ('semseg/VOC12/{}.png', 'semseg/pascal-context/{}.png'),
+             'human_parts': ('human_parts/{}.mat',), 'saliency': ('sal_distill/{}.png',),
+             'normals': ('normals_distill/{}.png',), 'context': ('pascal-context/trainval/{}.mat',)}
+    LIST = 'ImageSets/Context/{}.txt'
+
+    def __init__(self, root, split='train', tasks=tuple(DATASETS['pascal']['tasks']),
+                 size=DATASETS['pascal']['size'], augment=False):
+        super().__init__(root, split, tasks, size, augment)
+        self.valid_normal_classes = _normals_valid_classes(root) if 'normals' in self.tasks else None
+
+    def entries(self):
+        needs = ['image'] + [t for t in self.tasks if t != 'edge']
+        return needs + (['context'] if {'normals', 'edge'} & set(self.tasks) else [])
 
     def _load(self, i):
         """Sample at original size, as numpy arrays (H, W[, C])."""
@@ -662,16 +710,54 @@ class PASCALContext(Dataset):
             out[task] = _check_shape(x, shape, path)
         return out, shape
 
-    def __getitem__(self, i):
-        if not 0 <= i < len(self.ids):
-            raise IndexError(f"pascal {self.split}: index {i} out of range 0..{len(self.ids) - 1}")
-        arrays, shape = self._load(i)
-        sample = {key: torch.from_numpy(x) if x.ndim == 2 else _chw(x) for key, x in arrays.items()}
-        sample = pascal_augment(sample, self.size) if self.augment else fit_to_canvas(sample, self.size)
-        if 'human_parts' in sample:
-            sample['human_parts'] = ignore_partless(sample['human_parts'])
-        sample['meta'] = {'id': self.ids[i], 'size': tuple(int(v) for v in shape)}
-        return sample
+
+def _as_edges(x, path):
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[..., 0]
+    if x.ndim != 2:
+        raise ValueError(f"{path}: edge map must have shape (H, W), got {x.shape}")
+    x = x.astype(np.float32, copy=False)
+    if not (float(x.min()) >= 0 and float(x.max()) <= 1):                      # also catches NaN
+        raise ValueError(f"{path}: edge map must hold values in [0, 1] (1 = edge), found "
+                         f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    return x[..., None]
+
+
+class NYUDMT(CanvasDataset):
+    """NYUD-v2 as the ATRC / Multi-Task-Learning-PyTorch release NYUD_MT distributes it (ATRC's
+    src/data/nyud.py): 795 train / 654 val images of 425x560; semseg in 40 classes (the PNG's 1..40, 0 = void
+    -> ignore), depth in metres (0 = invalid), normals (H, W, 3) (zero vector = invalid), edges in {0, 1}.
+    Read and placed on the canvas as ATRC's pipeline does (CanvasDataset); `size` 425x560 is theirs, 448x576
+    fits Swin's multiples of 32 (our reading: their Swin results do not say)."""
+    name = 'nyud'
+    FILES = {'image': ('images/{}.jpg',), 'semseg': ('segmentation/{}.png',), 'depth': ('depth/{}.npy',),
+             'normals': ('normals/{}.npy',), 'edge': ('edge/{}.npy',)}
+    LIST = 'gt_sets/{}.txt'
+
+    def __init__(self, root, split='train', tasks=tuple(DATASETS['nyud']['tasks']), size=DATASETS['nyud']['size'],
+                 augment=False):
+        super().__init__(root, split, tasks, size, augment)
+
+    def _load(self, i):
+        files = self.files[i]
+        image = _read_pil(files['image'], 'RGB').astype(np.float32) / 255.0
+        out, shape = {'image': image}, image.shape[:2]
+        for task in self.tasks:
+            path = files[task]
+            if task == 'semseg':
+                png = _read_pil(path)
+                if png.ndim != 2 or png.max(initial=0) > DATASETS['nyud']['tasks']['semseg']:
+                    raise ValueError(f"{path}: NYUD_MT segmentation must be an (H, W) map of 0 (void) and classes "
+                                     f"1..40, got shape {png.shape}, values up to {png.max(initial=0)}")
+                x = _as_labels(png.astype(np.int64) - 1, DATASETS['nyud']['tasks']['semseg'], path, (-1,))
+            elif task == 'depth':
+                x = _as_depth(_read_npy(path), path)
+            elif task == 'normals':
+                x = _as_normals(_read_npy(path), path)
+            else:  # edge
+                x = _as_edges(_read_npy(path), path)
+            out[task] = _check_shape(x, shape, path)
+        return out, shape
 
 
 def restore_size(pred, orig_size, size=DATASETS['pascal']['size']):
@@ -692,16 +778,16 @@ def restore_size(pred, orig_size, size=DATASETS['pascal']['size']):
 
 def prepare_image(dataset, image, size):
     """A (3, h, w) image in [0, 1] of the user's as `dataset`'s evaluation prepares its images for a model of
-    input `size` (predict.py): PASCAL-Context's centred canvas (`fit_to_canvas`); the other datasets' files
-    are stored at the model's size, so another image is resized to it (bilinear). `restore_prediction` undoes it."""
-    if dataset == 'pascal':
+    input `size` (predict.py): the centred canvas of ATRC's datasets (`fit_to_canvas`); MTAN's files are
+    stored at the model's size, so another image is resized to it (bilinear). `restore_prediction` undoes it."""
+    if DATASETS[dataset].get('canvas'):
         return fit_to_canvas({'image': image}, size)['image']
     return F.interpolate(image[None], size, mode='bilinear', align_corners=False)[0]
 
 
 def restore_prediction(dataset, pred, orig_size, size):
     """A model output (B, K, size_h, size_w) on `prepare_image`'s input, mapped back to the image's (h, w)."""
-    if dataset == 'pascal':
+    if DATASETS[dataset].get('canvas'):
         return restore_size(pred, orig_size, size)
     return F.interpolate(pred, orig_size, mode='bilinear', align_corners=False)
 
@@ -711,7 +797,7 @@ def restore_prediction(dataset, pred, orig_size, size):
 
 def build_dataset(dataset, root, split, tasks=None, augment=False, **kw):
     """Dataset by name (a key of DATASETS). tasks=None means all of the dataset's tasks.
-    kw: nyuv2/synthetic scale_crop; cityscapes labels, scale_crop; pascal size (scale_crop=False only).
+    kw: nyuv2/synthetic scale_crop; cityscapes labels, scale_crop; pascal / nyud size (scale_crop=False only).
     The synthetic set is read from root; synthetic.make_synthetic writes it."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {tuple(DATASETS)}")
@@ -720,11 +806,11 @@ def build_dataset(dataset, root, split, tasks=None, augment=False, **kw):
         return NYUv2(root, split, tasks, augment, **kw)
     if dataset == 'cityscapes':
         return Cityscapes(root, split, tasks, augment=augment, **kw)
-    if dataset == 'pascal':
+    if DATASETS[dataset].get('canvas'):
         if kw.pop('scale_crop', False):
-            raise ValueError("pascal: scale_crop is MTAN's NYUv2/Cityscapes augmentation; "
-                             "PASCAL uses flips only")
-        return PASCALContext(root, split, tasks, augment=augment, **kw)
+            raise ValueError(f"{dataset}: scale_crop is MTAN's NYUv2/Cityscapes augmentation; {dataset} uses "
+                             f"ATRC's (augment=True)")
+        return (PASCALContext if dataset == 'pascal' else NYUDMT)(root, split, tasks, augment=augment, **kw)
     return Synthetic(root, split, tasks, augment, **kw)
 
 

@@ -20,7 +20,8 @@ that is still attached to the graph, never NaN):
   saliency / edge       balanced binary cross-entropy on logits x (HED / MTI-Net style):
                           L = ( w * sum_pos -log sigmoid(x) + (1 - w) * sum_neg -log(1 - sigmoid(x)) ) / N
                         pos / neg = valid pixels with target 1 / 0, N = number of valid pixels (not 255).
-                        edge: w = 0.95 fixed. saliency: w = N_neg / N computed over the batch, i.e. the
+                        edge: w fixed per dataset (data.DATASETS edge_pos_weight: PASCAL 0.95, NYUD_MT 0.8,
+                        ATRC's). saliency: w = N_neg / N computed over the batch, i.e. the
                         positive term is weighted by the fraction of negatives and the negative term by
                         the fraction of positives. MTI-Net's BalancedCrossEntropyLoss divides by all the
                         pixels of the tensor; we divide by the valid ones (identical when nothing is
@@ -45,11 +46,13 @@ the split is cut into batches or ranks; all_reduce sums them across processes):
            predicted salient when probability >= t; TP, FP, FN per threshold summed over the split;
            F_t = (1 + b2) P R / (b2 P + R) = (1 + b2) TP / ((1 + b2) TP + b2 FN + FP), b2 = 0.3
            (0 where undefined); maxF = max_t F_t * 100.
-  edge     the papers' metric is the validation loss: the edge loss above (w = 0.95) summed per pixel
+  edge     the papers' metric is the validation loss: the edge loss above (the dataset's w) summed per pixel
            over the split and divided by the number of valid pixels of the split (the per-batch mean
            weighted by each batch's pixel count, as MTI-Net's EdgeMeter, so batch-split invariant).
 MTL gain: delta_m = 100 / T * sum_t s_t * (M_t - B_t) / B_t, s_t = +1 when higher is better and -1
-when lower is better (the (-1)^{l_t} of the papers), on the metric named by TASK_METRIC.
+when lower is better (the (-1)^{l_t} of the papers), on the metric named by TASK_METRIC (gain_metrics: on
+NYUD_MT depth counts by RMSE, as ATRC and TIF report it; its edge by odsF, which needs the external SEISM
+benchmark, so its delta_m covers semseg, depth and normals).
 """
 import math
 
@@ -59,7 +62,7 @@ import torch.nn.functional as F
 
 from data import IGNORE        # the label to skip (seg / saliency / edge), defined with the data format
 
-EDGE_POS_WEIGHT = 0.95       # weight of the positive (edge) term of the edge loss, as MTI-Net / ATRC
+EDGE_POS_WEIGHT = 0.95       # default weight of the positive (edge) term of the edge loss (PASCAL: MTI-Net / ATRC)
 NORMALS_EPS = 1e-12          # eps of the prediction normalisation (F.normalize's default)
 DEPTH_EVAL_MIN = 1e-9        # depth predictions <= 0 are evaluated as this (the authors' eval_depth)
 NORMALS_BIN_DEG = 0.001      # histogram resolution of the normals median, degrees
@@ -169,10 +172,10 @@ def saliency_loss(pred, target):
     return total / n_valid.clamp(min=1)
 
 
-def edge_loss(pred, target):
-    """Balanced BCE with positive weight 0.95. pred logits (B, 1, H, W), target (B, 1, H, W)."""
+def edge_loss(pred, target, pos_weight=EDGE_POS_WEIGHT):
+    """Balanced BCE with a fixed positive weight (the dataset's). pred logits (B, 1, H, W), target (B, 1, H, W)."""
     _check('edge', pred, target)
-    total, n_valid = _balanced_bce_sum(pred.float(), target, EDGE_POS_WEIGHT)
+    total, n_valid = _balanced_bce_sum(pred.float(), target, pos_weight)
     return total / n_valid.clamp(min=1)
 
 
@@ -186,13 +189,16 @@ TASK_LOSS = {
 }
 
 
-def task_loss(task, pred, target, normals_form='cosine'):
+def task_loss(task, pred, target, normals_form='cosine', edge_pos_weight=EDGE_POS_WEIGHT):
     """The loss of `task` (a key of TASK_LOSS) on a prediction at target resolution: a scalar tensor.
-    normals_form: the form of the normals loss ('cosine' | 'l1', see `normals_loss`)."""
+    normals_form: the form of the normals loss ('cosine' | 'l1', see `normals_loss`); edge_pos_weight: the
+    edge loss's positive weight (the dataset's)."""
     if task not in TASK_LOSS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_LOSS)}")
     if task == 'normals':
         return normals_loss(pred, target, normals_form)
+    if task == 'edge':
+        return edge_loss(pred, target, edge_pos_weight)
     return TASK_LOSS[task](pred, target)
 
 
@@ -231,7 +237,7 @@ def normals_centroids(normals, k, seed=0, iters=30):
     return centroids.float()
 
 
-def aux_loss(task, logits, target, depth_range=None, normals_centroids=None):
+def aux_loss(task, logits, target, depth_range=None, normals_centroids=None, edge_pos_weight=EDGE_POS_WEIGHT):
     """The loss of ATRC's auxiliary prediction (B, R, H, W) of `task` on its discretised target: cross-entropy
     over the regions, for edge with the class weights (1 - w, w) of the edge loss, for saliency with the
     batch's balance (positives weighted by the fraction of negatives), as ATRC's 2-class losses. The
@@ -239,7 +245,7 @@ def aux_loss(task, logits, target, depth_range=None, normals_centroids=None):
     labels = discretise(task, target, depth_range, normals_centroids, depth_bins=logits.shape[1])
     weight = None
     if task == 'edge':
-        weight = torch.tensor([1 - EDGE_POS_WEIGHT, EDGE_POS_WEIGHT], device=logits.device)
+        weight = torch.tensor([1 - edge_pos_weight, edge_pos_weight], device=logits.device)
     elif task == 'saliency':
         valid = labels != IGNORE
         neg = ((labels == 0) & valid).sum() / valid.sum().clamp(min=1)
@@ -413,15 +419,16 @@ class SaliencyMeter(Meter):
 
 
 class EdgeMeter(Meter):
-    """Mean validation edge loss (balanced BCE, positive weight 0.95) over all valid pixels of the split."""
+    """Mean validation edge loss (balanced BCE, the dataset's positive weight) over all valid pixels of the split."""
 
-    def __init__(self):
+    def __init__(self, pos_weight=EDGE_POS_WEIGHT):
         super().__init__(loss_sum=(), count=())
+        self.pos_weight = pos_weight
 
     @torch.no_grad()
     def update(self, pred, target):
         _check('edge', pred, target, 1)
-        total, n_valid = _balanced_bce_sum(pred.double(), target.double(), EDGE_POS_WEIGHT)
+        total, n_valid = _balanced_bce_sum(pred.double(), target.double(), self.pos_weight)
         self._add(loss_sum=total, count=n_valid)
 
     def compute(self):
@@ -429,7 +436,7 @@ class EdgeMeter(Meter):
         return {'loss': float(self.sums['loss_sum']) / n}
 
 
-def build_meters(tasks):
+def build_meters(tasks, edge_pos_weight=EDGE_POS_WEIGHT):
     """tasks: dict task -> output channels (e.g. data.DATASETS['nyuv2']['tasks']) -> dict task -> meter."""
     meters = {}
     for task, channels in tasks.items():
@@ -438,8 +445,8 @@ def build_meters(tasks):
         elif task in TASK_CHANNELS:
             if channels != TASK_CHANNELS[task]:
                 raise ValueError(f"{task} predicts {TASK_CHANNELS[task]} channel(s), got {channels}")
-            meters[task] = {'depth': DepthMeter, 'normals': NormalsMeter,
-                            'saliency': SaliencyMeter, 'edge': EdgeMeter}[task]()
+            meters[task] = EdgeMeter(edge_pos_weight) if task == 'edge' else \
+                {'depth': DepthMeter, 'normals': NormalsMeter, 'saliency': SaliencyMeter}[task]()
         else:
             raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_LOSS)}")
     return meters
@@ -450,29 +457,47 @@ def build_meters(tasks):
 # task -> (meter key feeding delta_m, +1 higher is better / -1 lower is better)
 TASK_METRIC = {'semseg': ('mIoU', +1), 'human_parts': ('mIoU', +1), 'depth': ('rel_err', -1),
                'normals': ('mean', -1), 'saliency': ('maxF', +1), 'edge': ('loss', -1)}
+# ATRC and TIF score NYUD-v2 depth by RMSE (ATRC Sec. 4.1, Tab. 1; TIF Tab. 3)
+DATASET_TASK_METRIC = {'nyud': dict(TASK_METRIC, depth=('rmse', -1))}
 
 
-def delta_m(results, baseline):
-    """MTL gain in percent: 100 / T * sum_t s_t (M_t - B_t) / B_t (s_t from TASK_METRIC).
+def gain_metrics(dataset):
+    """task -> (meter key, sign) of the gain metric on `dataset`."""
+    return DATASET_TASK_METRIC.get(dataset, TASK_METRIC)
+
+
+def delta_m(results, baseline, metrics=TASK_METRIC):
+    """MTL gain in percent: 100 / T * sum_t s_t (M_t - B_t) / B_t (s_t from `metrics`, a gain_metrics table).
     results, baseline: dict task -> the task's gain metric (a float, or a meter's compute() dict)."""
     if not results or set(results) != set(baseline):
         raise ValueError(f"delta_m needs the same non-empty task set in results and baseline, got "
                          f"{sorted(results)} and {sorted(baseline)}")
     total = 0.0
     for task in results:
-        if task not in TASK_METRIC:
-            raise ValueError(f"no gain metric for task {task!r}; expected one of {sorted(TASK_METRIC)}")
-        key, sign = TASK_METRIC[task]
+        if task not in metrics:
+            raise ValueError(f"no gain metric for task {task!r}; expected one of {sorted(metrics)}")
+        key, sign = metrics[task]
         m, b = (v[key] if isinstance(v, dict) else v for v in (results[task], baseline[task]))
         total += sign * (m - b) / b
     return 100 * total / len(results)
 
 
-# The papers' single-task baselines, in the meters' units (mIoU / maxF in %, depth rel_err a ratio,
-# normals mean angle in degrees, edge loss). hrnet18: EMA-Net / CTAL papers, Table 1 (CNN); swinv2_s: CTAL paper, Tables 2
-# (NYUv2, transformer) and 3 (PASCAL-Context, transformer).
+# The papers' single-task baselines, in the meters' units (mIoU / maxF in %, depth rel_err a ratio (nyud:
+# RMSE), normals mean angle in degrees, edge loss). hrnet18: EMA-Net / CTAL papers, Table 1 (CNN), nyud: ATRC
+# Tab. 1; swinv2_s: CTAL paper, Tables 2 (NYUv2, transformer) and 3 (PASCAL-Context, transformer).
+# NYUD-v2 (NYUD_MT) with HRNet-18 as the ATRC and TIF papers print it (5-seed means): mIoU %, depth RMSE (m),
+# normals mean angle, edge odsF % (the external SEISM benchmark: not a meter here). Single task, ATRC's
+# multi-task baseline, ATRC (ATRC Tab. 1), ATRC + FPM (ATRC Tab. 2), TIF (TIF Tab. 3).
+PAPER_NYUD_HRNET18 = {
+    'atrc_stl': {'semseg': 38.02, 'depth': 0.6104, 'normals': 20.94, 'edge': 76.22},
+    'atrc_mtl': {'semseg': 36.35, 'depth': 0.6284, 'normals': 21.02, 'edge': 76.36},
+    'atrc': {'semseg': 38.90, 'depth': 0.6010, 'normals': 20.48, 'edge': 76.34},
+    'atrc_ms': {'semseg': 40.80, 'depth': 0.5826, 'normals': 20.51, 'edge': 76.50},
+    'tif': {'semseg': 40.28, 'depth': 0.594, 'normals': 20.34, 'edge': 76.92},
+}
 STL_REFERENCE = {
     ('nyuv2', 'hrnet18'): {'semseg': 49.23, 'depth': 0.1636, 'normals': 23.15},
+    ('nyud', 'hrnet18'): {t: v for t, v in PAPER_NYUD_HRNET18['atrc_stl'].items() if t != 'edge'},   # no odsF
     ('cityscapes', 'hrnet18'): {'semseg': 48.89, 'depth': 29.91},
     ('nyuv2', 'swinv2_s'): {'semseg': 55.78, 'depth': 0.1570, 'normals': 24.59},
     ('pascal', 'swinv2_s'): {'semseg': 74.07, 'human_parts': 64.28, 'saliency': 83.95,

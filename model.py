@@ -5,7 +5,7 @@
     out['semseg']                # (B, 13, H, W) final prediction at input resolution
     out['initial']['semseg']     # (B, 13, H, W) initial prediction (deep supervision)
                                  # mtinet / ctal_ms: a list of 4, from scales [1/4, 1/8, 1/16, 1/32]
-                                 # stl / mtl / tif / atrc: 'initial' is {}
+                                 # stl / mtl / tif / atrc / atrc_stl / atrc_mtl: 'initial' is {}
     out['aux']                   # atrc: {task: (B, R_t, H, W)} auxiliary predictions
 
 Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
@@ -24,6 +24,8 @@ Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
                  heads on the detached concat for the label contexts) -> Conv1x1 -> upsample   (ATRC Sec. 3)
   atrc_ms  HRNet -> MTINetFrontEnd -> per task Fuse of its 4 maps (270 @ 1/4) -> F_t -> ATRC as atrc
                  (ATRC Tab. 2 "ATRC + FPM"; deep supervision on the 4 per-scale predictions, as mtinet)
+  atrc_mtl HRNet -> upsample + concat (270 @ 1/4) -> per task Conv3x3-BN-ReLU (67) -> Conv1x1 -> upsample
+                 (ATRC's multi-task baseline, their FCNHead; atrc_stl: one such network per task)
   tif      HRNet -> baselines.TIFDecoder (shared SAFF per scale; per task SFD at 1/16, 1/32 and LTHD at
                  1/4, 1/8; head over the 4 scales) -> upsample   (TIF paper Sec. 3, no cross-task module)
 
@@ -65,10 +67,12 @@ from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ATRCDistillation, ConcatDi
 from ctal import CTAL
 from metrics import normals_centroids
 
-MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif', 'atrc', 'atrc_ms')
+MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif', 'atrc', 'atrc_ms',
+               'atrc_stl', 'atrc_mtl')
 BACKBONES = ('hrnet18', 'swinv2_s')
-# the papers run only these on the transformer backbone (CTAL paper Sec. 3.3, Tabs. 2-3)
-SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif', 'atrc')
+# the papers run only these on the transformer backbone (CTAL paper Sec. 3.3, Tabs. 2-3; ATRC and its baselines:
+# our reading, see class ATRC)
+SWIN_MODEL_NAMES = ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif', 'atrc', 'atrc_stl', 'atrc_mtl')
 
 HRNET_CHANNELS = (18, 36, 72, 144)      # branch outputs at 1/4, 1/8, 1/16, 1/32
 SWIN_CHANNELS = 768                     # last stage, 1/32
@@ -442,12 +446,13 @@ class HardSharing(MultiTaskModel):
 
 
 class SingleTask(MultiTaskModel):
-    """`stl`: T independent single-task networks (backbone + head each), trained together, sharing nothing."""
+    """`stl`: T independent single-task networks (backbone + head each), trained together, sharing nothing;
+    each is a one-task `network` (HardSharing; `atrc_stl`: ATRCBaseline, ATRC's single-task baseline)."""
 
-    def __init__(self, tasks, img_size, backbone='hrnet18', pretrained=None):
+    def __init__(self, tasks, img_size, backbone='hrnet18', pretrained=None, network=None):
         super().__init__(tasks, img_size)
-        self.nets = nn.ModuleDict({t: HardSharing({t: k}, img_size, backbone, pretrained)
-                                   for t, k in self.tasks.items()})
+        network = network or HardSharing
+        self.nets = nn.ModuleDict({t: network({t: k}, img_size, backbone, pretrained) for t, k in self.tasks.items()})
 
     def forward(self, x):
         x = self.prepare_input(x)                       # the nets' own input_norm stays the identity
@@ -603,6 +608,40 @@ def default_atrc_genotype(tasks):
     return {t: {s: table[t][s] for s in tasks} for t in tasks}
 
 
+def atrc_logits(tasks, width):
+    """ATRC's final layers: per task Conv1x1 width -> K, initialised as their heads' init_weights initialise
+    every *logits* layer (weights N(0, 0.01), bias 0)."""
+    logits = nn.ModuleDict({t: nn.Conv2d(width, k, 1) for t, k in tasks.items()})
+    for conv in logits.values():
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+    return logits
+
+
+class ATRCBaseline(MultiTaskModel):
+    """`atrc_mtl`: ATRC's multi-task baseline (their FCNHead, ATRC paper Tab. 1 "multi-task"): the 4 HRNet maps
+    (ATRC's HRNet) upsampled and concatenated at 1/4 (270 channels) -> per task Conv3x3-BN-ReLU (270 -> 67)
+    -> Conv1x1 logits -> upsample; ATRC without its distillation. With one task it is one network of
+    `atrc_stl` (their single-task baseline: SingleTask over this). On Swin-V2-S: the 768 @ 1/32 map, 192 wide,
+    as ATRC there. 'initial' is {}."""
+
+    def __init__(self, tasks, img_size, backbone='hrnet18', pretrained=None):
+        super().__init__(tasks, img_size)
+        swin = backbone == 'swinv2_s'
+        self.backbone = SwinBackbone(pretrained) if swin else HRNetBackbone(pretrained, authors='atrc')
+        c = SWIN_CHANNELS if swin else sum(HRNET_CHANNELS)
+        self.features = nn.ModuleDict({t: conv_bn_relu(c, c // 4, 3) for t in self.tasks})
+        self.logits = atrc_logits(self.tasks, c // 4)
+
+    def forward(self, x):
+        x = self.prepare_input(x)
+        xs = self.backbone(x)
+        shared = xs if torch.is_tensor(xs) else concat_scales(xs)                 # (B, 270, H/4, W/4)
+        out = {t: resize(self.logits[t](f(shared)), self.img_size) for t, f in self.features.items()}
+        out['initial'] = {}
+        return out
+
+
 class ATRC(MultiTaskModel):
     """`atrc` (ATRC paper Sec. 3, as the authors' code builds it on HRNet-18): the 4 HRNet maps upsampled
     and concatenated at 1/4 (270 channels, no fuse conv) -> per task F_t = Conv3x3-BN-ReLU (270 -> 67)
@@ -636,10 +675,7 @@ class ATRC(MultiTaskModel):
         self.distill = ATRCDistillation(self.tasks, genotype, width, width // 2, search=search)
         self.aux_heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(c, c, 1), nn.Conv2d(c, ATRC_REGIONS.get(t, k), 1))
                                         for t, k in self.tasks.items() if t in self.distill.region_tasks()})
-        self.logits = nn.ModuleDict({t: nn.Conv2d(width, k, 1) for t, k in self.tasks.items()})
-        for conv in self.logits.values():                               # their init of every *logits* layer
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+        self.logits = atrc_logits(self.tasks, width)
         self.register_buffer('depth_range', torch.tensor(ATRC_DEPTH_RANGE))
         self.register_buffer('normals_centroids', torch.zeros(ATRC_REGIONS['normals'], 3))
 
@@ -790,6 +826,10 @@ def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl,
         return HardSharing(tasks, img_size, backbone, pretrained)
     if name == 'tif':
         return TIF(tasks, img_size, backbone, pretrained)
+    if name == 'atrc_mtl':
+        return ATRCBaseline(tasks, img_size, backbone, pretrained)
+    if name == 'atrc_stl':
+        return SingleTask(tasks, img_size, backbone, pretrained, network=ATRCBaseline)
     if name in ('atrc', 'atrc_ms'):
         return ATRC(tasks, img_size, pretrained, genotype, atrc_search, backbone, name == 'atrc_ms', fpm_softmax)
     if name == 'mtinet':

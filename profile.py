@@ -62,13 +62,9 @@ from data import DATASETS  # noqa: E402
 # make that second import circular.
 
 NYUV2_SIZE = DATASETS["nyuv2"]["size"]
-# Where profile.py measures: the datasets, and the NYUD-v2 setting of the ATRC and TIF papers (their tables
-# are counted there: 40 classes, an edge task, 425x560 input; profile only, no loader reads it).
-SETTINGS = dict(DATASETS, nyud=dict(tasks={"semseg": 40, "depth": 1, "normals": 3, "edge": 1}, size=(425, 560),
-                                    val_images=654, backbone="hrnet18"))
-# The papers' figures in that setting: model -> (Params (M), GFLOPs as printed = multiply-accumulates per
-# image) (TIF Tab. 3, ATRC Tab. 1).
-PAPER_NYUD = {"tif": (5.27, 16.6), "atrc": (5.06, 25.76)}
+# The papers' figures in their NYUD-v2 setting (dataset nyud): model -> (Params (M), GFLOPs as printed =
+# multiply-accumulates per image) (TIF Tab. 3, ATRC Tab. 1).
+PAPER_NYUD = {"tif": (5.27, 16.6), "atrc": (5.06, 25.76), "atrc_mtl": (4.52, 17.59), "atrc_stl": (16.09, 40.93)}
 # The papers' resource table, NYUv2 with HRNet-W18 (EMA-Net Tab. 3 = CTAL Tab. 5):
 # (model, scale) -> (params relative to STL, GMAC for a batch of 8, seconds for the val split on one
 # RTX A5000, delta_m). PAP-Net's 521 G matches two propagation iterations (row 'papnet x2').
@@ -234,7 +230,7 @@ def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, dev
     """Params, forward FLOPs per image, and time + peak memory of one batch (eval, or train step)."""
     from model import build_model
     torch.manual_seed(0)
-    info = SETTINGS[dataset]
+    info = DATASETS[dataset]
     model = build_model(name, info["tasks"], tuple(img_size), backbone=info["backbone"],
                         scale=scale, ctal_impl=ctal_impl, pap_iters=pap_iters).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -259,11 +255,14 @@ def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, dev
     return dict(params=params, flops_per_image=flops, seconds_per_batch=seconds, peak_bytes=peak)
 
 
-def default_models(backbone):
+def default_models(backbone, dataset):
+    """The rows of the table: every model of the backbone; ATRC's baselines only where its paper counts them."""
     from model import MODEL_NAMES, SWIN_MODEL_NAMES
     names = SWIN_MODEL_NAMES if backbone == "swinv2_s" else MODEL_NAMES
     rows = []
     for name in names:
+        if name in ("atrc_stl", "atrc_mtl") and dataset != "nyud":
+            continue
         rows.append(name)
         if name == "papnet":
             rows.append("papnet x2")
@@ -272,12 +271,12 @@ def default_models(backbone):
 
 def run_model_table(args):
     from model import build_model
-    info = SETTINGS[args.dataset]
+    info = DATASETS[args.dataset]
     img_size = args.img_size or info["size"]
     backbone = info["backbone"]
     val_images = args.val_images or info["val_images"]
     scale_key = f"{args.scale.numerator}/{args.scale.denominator}"
-    models = args.models or default_models(backbone)
+    models = args.models or default_models(backbone, args.dataset)
     print(f"{args.dataset} {img_size[0]}x{img_size[1]} ({backbone}), distillation scale {scale_key}, "
           f"batch {args.batch}, device {args.device}, ctal_impl {args.ctal_impl}; val split "
           f"{val_images} images")
@@ -311,7 +310,7 @@ def run_model_table(args):
 
 def paper_figures(row, args, scale_key):
     """The papers' figures for this row, as a short string ('' where they give none)."""
-    info = SETTINGS[args.dataset]
+    info = DATASETS[args.dataset]
     if args.img_size and tuple(args.img_size) != info["size"]:
         return ""
     if info["backbone"] == "hrnet18" and args.dataset == "nyuv2":
@@ -427,8 +426,8 @@ def main(argv=None):
                         help="'model': the resource table of whole models; 'ctal': CTAL alone, dense vs linear")
     parser.add_argument("--scale", type=parse_scale, default=Fraction(1, 4),
                         help="distillation scale: 1/4, 1/6, 1/8, ... (of the input size)")
-    parser.add_argument("--dataset", choices=list(SETTINGS), default="nyuv2",
-                        help="a dataset, or nyud: the ATRC / TIF papers' NYUD-v2 setting (see SETTINGS)")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="nyuv2",
+                        help="a dataset of data.DATASETS (nyud: the ATRC / TIF papers' NYUD-v2 setting)")
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help=f"models to profile (default: all of the backbone's): {', '.join(MODEL_NAMES)}, "
                              f"and 'papnet x2' (two propagation iterations)")

@@ -2,12 +2,14 @@
 seconds, so that everything runs with nothing downloaded.
 
     python synthetic.py data/synthetic --n-train 800 --n-val 200 --size 96x128 --seed 0
+    python synthetic.py data/nyud_synthetic --layout nyud_mt      # the same scenes as a NYUD_MT release
 
 Data flow: a seeded RNG -> a random room (walls, floor, ceiling, a window) with box furniture and a
 camera pose -> one ray per pixel, cast against every box -> per pixel the hit's class (the 13 NYUv2
 classes), z-depth in metres, camera-frame normal and a textured, shaded colour -> sensor-like holes
 (invalid depth / normals) -> root/{train,val}/{image,label,depth,normal}/{i}.npy, which data.NYUv2
-(data.Synthetic) reads like the real release.
+(data.Synthetic) reads like the real release; or (--layout nyud_mt) NYUD_MT's images / segmentation / depth /
+normals / edge files and gt_sets lists, which data.NYUDMT reads, edges from the label boundaries.
 
 """
 import argparse
@@ -19,7 +21,7 @@ import time
 
 import numpy as np
 
-from data import NYU13_CLASSES, parse_size
+from data import NYU13_CLASSES, label_edges, parse_size
 
 # World frame: x, z horizontal, y up; the room is the box [0, X] x [0, Y] x [0, Z]; furniture is a set
 # of axis-aligned boxes. Camera frame follows the NYUv2 normals convention as we read it: x right (image
@@ -434,30 +436,65 @@ def _add_holes(rng, depth, normal, label, is_window):
     return depth, normal, label
 
 
+LAYOUTS = ('mtan', 'nyud_mt')
+# NYUD_MT's folders (data.NYUDMT.FILES) and the extension of their files
+NYUD_MT_FOLDERS = {'images': 'jpg', 'segmentation': 'png', 'depth': 'npy', 'normals': 'npy', 'edge': 'npy'}
+
+
 def _remove_samples(root):
-    """Delete the sample files (<i>.npy) of a synthetic set, nothing else."""
+    """Delete the sample files of a synthetic set (either layout: <i>.npy, or NYUD_MT's <id>.<ext> and its
+    split lists), nothing else."""
+    folders = [(os.path.join(root, split, f), 'npy') for split in ('train', 'val')
+               for f in ('image', 'label', 'depth', 'normal')]
+    folders += [(os.path.join(root, f), ext) for f, ext in NYUD_MT_FOLDERS.items()]
+    for d, ext in folders:
+        names = os.listdir(d) if os.path.isdir(d) else []
+        for name in [n for n in names if n.endswith('.' + ext) and n[:-len(ext) - 1].isdigit()]:
+            os.remove(os.path.join(d, name))
     for split in ('train', 'val'):
-        for folder in ('image', 'label', 'depth', 'normal'):
-            d = os.path.join(root, split, folder)
-            names = os.listdir(d) if os.path.isdir(d) else []
-            for name in [n for n in names if n.endswith('.npy') and n[:-4].isdigit()]:
-                os.remove(os.path.join(d, name))
+        lst = os.path.join(root, 'gt_sets', f'{split}.txt')
+        if os.path.isfile(lst):
+            os.remove(lst)
 
 
-def make_synthetic(root, n_train, n_val, size=(96, 128), seed=0):
+def _write_mtan(root, split, i, scene):
+    for folder in ('image', 'label', 'depth', 'normal'):
+        np.save(os.path.join(root, split, folder, f'{i}.npy'), scene[folder])
+
+
+def _write_nyud_mt(root, split, i, scene):
+    """One scene in NYUD_MT's formats (data.NYUDMT): JPEG image, segmentation PNG of class + 1 (0 = void),
+    depth and normals .npy, edges from the label boundaries (data.label_edges: PASCAL-Context's rule); the
+    13 classes take the first 13 of NYUD_MT's 40. The id is the scene's index in the split list."""
+    from PIL import Image
+    id_ = f'{i:05d}'
+    Image.fromarray(np.round(scene['image'] * 255).astype(np.uint8)).save(
+        os.path.join(root, 'images', id_ + '.jpg'), quality=95)
+    Image.fromarray((scene['label'] + 1).astype(np.uint8)).save(os.path.join(root, 'segmentation', id_ + '.png'))
+    np.save(os.path.join(root, 'depth', id_ + '.npy'), scene['depth'][..., 0])
+    np.save(os.path.join(root, 'normals', id_ + '.npy'), scene['normal'])
+    np.save(os.path.join(root, 'edge', id_ + '.npy'), label_edges(scene['label']).astype(np.float32))
+    with open(os.path.join(root, 'gt_sets', f'{split}.txt'), 'a') as f:
+        f.write(id_ + '\n')
+
+
+def make_synthetic(root, n_train, n_val, size=(96, 128), seed=0, layout='mtan'):
     """Write n_train + n_val rendered rooms to root/{train,val}/{image,label,depth,normal}/{i}.npy
-    (the NYUv2 format). Image i of a split depends only on (seed, split, i): the same arguments give
-    the same bytes (on one machine; another CPU's libm may differ in last bits). If root already holds
-    a complete set made with the same arguments (root/synthetic.json), nothing is rewritten; a set of
-    ours with other arguments, or an interrupted one, is replaced. Returns root. Not safe to call from
-    several processes at once on one root (let one rank generate, then the others read).
+    (the NYUv2 format), or with layout='nyud_mt' as NYUD_MT (images/, segmentation/, depth/, normals/,
+    edge/, gt_sets/: data.NYUDMT reads it; train ids 0..n_train-1, val ids after them). Image i of a split
+    depends only on (seed, split, i): the same arguments give the same bytes (on one machine; another CPU's
+    libm may differ in last bits). If root already holds a complete set made with the same arguments
+    (root/synthetic.json), nothing is rewritten; a set of ours with other arguments, or an interrupted one,
+    is replaced. Returns root. Not safe to call from several processes at once on one root (let one rank
+    generate, then the others read).
     Speed: ~200 scenes/s at 96x128 on one core (render_scene is the cost; np.save adds a little)."""
     H, W = (int(size[0]), int(size[1]))
-    if H < 16 or W < 16 or n_train < 1 or n_val < 1 or seed < 0:
-        raise ValueError(f"make_synthetic: need size >= 16x16, n_train, n_val >= 1 and seed >= 0, got "
-                         f"size={size}, n_train={n_train}, n_val={n_val}, seed={seed}")
+    if H < 16 or W < 16 or n_train < 1 or n_val < 1 or seed < 0 or layout not in LAYOUTS:
+        raise ValueError(f"make_synthetic: need size >= 16x16, n_train, n_val >= 1, seed >= 0 and a layout of "
+                         f"{LAYOUTS}, got size={size}, n_train={n_train}, n_val={n_val}, seed={seed}, layout={layout!r}")
     params = {'format': 'synthetic-v1', 'n_train': int(n_train), 'n_val': int(n_val), 'size': [H, W],
               'seed': int(seed)}
+    params.update({} if layout == 'mtan' else {'layout': layout})      # mtan: the marker of earlier sets
     marker = os.path.join(root, 'synthetic.json')
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -470,33 +507,37 @@ def make_synthetic(root, n_train, n_val, size=(96, 128), seed=0):
     os.makedirs(root, exist_ok=True)
     with open(marker, 'w') as f:   # claims the folder first, so an interrupted run can be redone
         json.dump({**params, 'complete': False}, f)
-    for code, (split, n) in enumerate((('train', n_train), ('val', n_val))):
-        for folder in ('image', 'label', 'depth', 'normal'):
-            os.makedirs(os.path.join(root, split, folder), exist_ok=True)
+    folders = ([os.path.join(split, f) for split in ('train', 'val') for f in ('image', 'label', 'depth', 'normal')]
+               if layout == 'mtan' else [*NYUD_MT_FOLDERS, 'gt_sets'])
+    for folder in folders:
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    write = _write_mtan if layout == 'mtan' else _write_nyud_mt
+    for code, (split, n, first) in enumerate((('train', n_train, 0), ('val', n_val, n_train))):
         for i in range(n):
-            s = render_scene(np.random.default_rng([seed, code, i]), (H, W))
-            for folder in ('image', 'label', 'depth', 'normal'):
-                np.save(os.path.join(root, split, folder, f'{i}.npy'), s[folder])
+            write(root, split, first + i if layout == 'nyud_mt' else i,
+                  render_scene(np.random.default_rng([seed, code, i]), (H, W)))
     with open(marker, 'w') as f:
         json.dump({**params, 'complete': True}, f)
     return root
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='render the synthetic dataset into OUT_DIR (NYUv2 format)')
+    parser = argparse.ArgumentParser(description='render the synthetic dataset into OUT_DIR (NYUv2 format, or NYUD_MT)')
     parser.add_argument('out_dir')
     parser.add_argument('--n-train', type=int, default=800)
     parser.add_argument('--n-val', type=int, default=200)
     parser.add_argument('--size', type=parse_size, default=(96, 128), help='HxW')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--layout', choices=LAYOUTS, default='mtan',
+                        help="mtan: MTAN's .npy release (NYUv2); nyud_mt: the NYUD_MT release (data.py's nyud)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        make_synthetic(args.out_dir, args.n_train, args.n_val, args.size, args.seed)
+        make_synthetic(args.out_dir, args.n_train, args.n_val, args.size, args.seed, args.layout)
     except ValueError as e:
         parser.error(str(e))
-    print(f"wrote {args.n_train} train + {args.n_val} val scenes of {args.size[0]}x{args.size[1]} to "
-          f"{args.out_dir} in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.n_train} train + {args.n_val} val scenes of {args.size[0]}x{args.size[1]} ({args.layout}) "
+          f"to {args.out_dir} in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == '__main__':

@@ -40,7 +40,7 @@ from ctal import CTAL, FUSIONS, IMPLS
 from data import DATASETS, build_dataset
 from ddp import (Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, check_device_name,
                  convert_sync_batchnorm, epoch_batches, setup_distributed)
-from metrics import NORMALS_LOSSES, TASK_METRIC, aux_loss, build_meters, delta_m, task_loss
+from metrics import EDGE_POS_WEIGHT, NORMALS_LOSSES, aux_loss, build_meters, delta_m, gain_metrics, task_loss
 from model import ATRC, BACKBONES, MODEL_NAMES, build_model
 from synthetic import make_synthetic
 from vis import save_curves, save_val_grid
@@ -48,11 +48,11 @@ from vis import save_curves, save_val_grid
 _names_before_defaults = set(globals())
 # ---------------------------------------------------------------------------------------- defaults
 # data
-dataset = 'synthetic'         # nyuv2 | cityscapes | pascal | synthetic (data.DATASETS)
+dataset = 'synthetic'         # nyuv2 | cityscapes | pascal | nyud | synthetic (data.DATASETS)
 data_root = None              # None = data/<dataset>
 tasks = None                  # None = all tasks of the dataset, or e.g. "semseg,depth"
-img_size = None               # PASCAL: the padded input (H, W), None = 512x512; others: read from the files
-augment = True                # training augmentation (flip; PASCAL: the authors' scale/crop/colour)
+img_size = None               # pascal / nyud: the canvas (H, W), None = 512x512 / 425x560; others: read from the files
+augment = True                # training augmentation (flip; pascal / nyud: ATRC's scale/crop/flip/colour)
 scale_crop = False            # MTAN random scale-crop (NYUv2 / Cityscapes / synthetic)
 n_train = 400                 # synthetic: scenes generated into data_root if absent
 n_val = 100                   # synthetic: validation scenes
@@ -85,7 +85,7 @@ restart_period = None         # cosine_restarts: T_0 in epochs; None = epochs //
 restart_mult = 2              # cosine_restarts: T_mult
 grad_clip = 0.0               # max gradient norm; 0 = off
 loss_weights = None           # {task: weight}; None = data.DATASETS[dataset]['loss_weights']
-normals_loss = 'cosine'       # cosine (1 - cos, the authors' CNN code) | l1 (their transformer code)
+normals_loss = 'cosine'       # cosine (1 - cos, the CTAL authors' CNN code) | l1 (their transformer code, ATRC's)
 max_iters = 0                 # > 0: at most this many steps per epoch (quick tests)
 # evaluation, logging, output
 eval_interval = 1             # epochs between evaluations (the last epoch is always evaluated)
@@ -208,9 +208,10 @@ def build_datasets(cfg, rank):
         if rank == 0:
             make_synthetic(root, cfg['n_train'], cfg['n_val'], tuple(cfg['synthetic_size']), cfg['synthetic_seed'])
         barrier()
-    kw = {'size': tuple(cfg['img_size'] or DATASETS['pascal']['size'])} if name == 'pascal' else {}
+    canvas = DATASETS[name].get('canvas')              # images placed on a canvas of img_size (ATRC's datasets)
+    kw = {'size': tuple(cfg['img_size'] or DATASETS[name]['size'])} if canvas else {}
     val_set = build_dataset(name, root, 'val', cfg['tasks'], augment=False, **kw)
-    if name != 'pascal':
+    if not canvas:
         kw['scale_crop'] = cfg['scale_crop']
     train_set = build_dataset(name, root, 'train', cfg['tasks'], augment=cfg['augment'], **kw)
     size = tuple(val_set.size)
@@ -231,20 +232,27 @@ def to_device(batch, device):
 
 # ------------------------------------------------------------------------------------------ loss, eval
 
-def compute_losses(out, batch, tasks, normals_form='cosine', label_spaces=None):
+def loss_options(cfg):
+    """metrics.task_loss's options in this run: the normals loss form (config), the edge weight (dataset)."""
+    return {'normals_form': cfg['normals_loss'],
+            'edge_pos_weight': DATASETS[cfg['dataset']].get('edge_pos_weight', EDGE_POS_WEIGHT)}
+
+
+def compute_losses(out, batch, tasks, options=None, label_spaces=None):
     """Per task L_initial + L_final (deep supervision, CTAL paper Sec. 2): {task: scalar}. 'initial' holds
     a tensor, or for the multi-scale models a list of per-scale predictions (their mean loss), or nothing
     (stl / mtl). atrc's out['aux'] adds each auxiliary prediction's loss to its task's (ATRC: same weight),
-    on targets discretised by the model's label_spaces."""
-    losses = {}
+    on targets discretised by the model's label_spaces. options: `loss_options` (None: the defaults)."""
+    options, losses = options or {}, {}
     for t in tasks:
         initial = out['initial'].get(t)
         initial = [] if initial is None else initial if isinstance(initial, (list, tuple)) else [initial]
-        losses[t] = task_loss(t, out[t], batch[t], normals_form)
+        losses[t] = task_loss(t, out[t], batch[t], **options)
         if initial:
-            losses[t] = losses[t] + sum(task_loss(t, p, batch[t], normals_form) for p in initial) / len(initial)
+            losses[t] = losses[t] + sum(task_loss(t, p, batch[t], **options) for p in initial) / len(initial)
     for t, logits in out.get('aux', {}).items():
-        losses[t] = losses[t] + aux_loss(t, logits, batch[t], **label_spaces)
+        edge_weight = options.get('edge_pos_weight', EDGE_POS_WEIGHT)
+        losses[t] = losses[t] + aux_loss(t, logits, batch[t], edge_pos_weight=edge_weight, **label_spaces)
     return losses
 
 
@@ -298,7 +306,8 @@ def evaluate(net, val_set, cfg, device, rank, world):
     """Meters over the whole val split (this rank: every world-th image; sums all-reduced).
     Returns ({task: {metric: value}}, val loss = sum_t w_t L_final_t averaged over images)."""
     net.eval()
-    meters = build_meters(task_channels(cfg))
+    options = loss_options(cfg)
+    meters = build_meters(task_channels(cfg), options['edge_pos_weight'])
     indices = list(range(rank, len(val_set), world))
     b = max(1, cfg['batch_size'] // world)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)       # (sum of image losses, images)
@@ -309,7 +318,7 @@ def evaluate(net, val_set, cfg, device, rank, world):
         for t in cfg['tasks']:
             pred = out[t].float()                                     # bf16 autocast: meters and loss in float32
             meters[t].update(pred, batch[t])
-            loss_sum[0] += cfg['loss_weights'][t] * float(task_loss(t, pred, batch[t], cfg['normals_loss'])) \
+            loss_sum[0] += cfg['loss_weights'][t] * float(task_loss(t, pred, batch[t], **options)) \
                 * len(batch['image'])
         loss_sum[1] += len(batch['image'])
     for m in meters.values():
@@ -323,11 +332,11 @@ def format_delta(dm):
     return 'n/a' if dm is None else f'{dm:+.2f} %'
 
 
-def format_metrics(metrics, reference=None):
+def format_metrics(metrics, reference, dataset):
     lines = []
     for t, values in metrics.items():
         cells = '  '.join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
-        ref = f"   [STL {TASK_METRIC[t][0]} {reference[t]:.4g}]" if reference else ''
+        ref = f"   [STL {gain_metrics(dataset)[t][0]} {reference[t]:.4g}]" if reference and t in reference else ''
         lines.append(f"  {t:<12}{cells}{ref}")
     return '\n'.join(lines)
 
@@ -373,7 +382,8 @@ class Run:
     def score(self):
         """The model on the val split: {'val_loss', 'delta_m' (None without a reference), 'metrics'}."""
         metrics, val_loss = evaluate(self.net, self.val_set, self.cfg, self.device, self.rank, self.world)
-        dm = delta_m({t: metrics[t] for t in self.reference}, self.reference) if self.reference else None
+        dm = (delta_m({t: metrics[t] for t in self.reference}, self.reference, gain_metrics(self.cfg['dataset']))
+              if self.reference else None)
         return {'val_loss': val_loss, 'delta_m': dm, 'metrics': metrics}
 
     def say(self, *args, **kw):
@@ -418,7 +428,7 @@ def train_step(run, batch):
     with autocast(cfg, run.device):
         out = run.model(batch['image'])
     spaces = run.net.label_spaces() if isinstance(run.net, ATRC) else None
-    losses = compute_losses(out, batch, cfg['tasks'], cfg['normals_loss'], spaces)
+    losses = compute_losses(out, batch, cfg['tasks'], loss_options(cfg), spaces)
     shared = all_reduce_sum(torch.stack([l.detach().float() for l in losses.values()])) / run.world
     values = dict(zip(cfg['tasks'], shared.tolist()))
     bad = [t for t, v in values.items() if not math.isfinite(v)]
@@ -510,11 +520,11 @@ def evaluate_run(run, epoch):
                                                   'input_size': list(run.val_set.size)})
     if run.master:
         run.save_grid(f'vis_epoch{epoch:03d}.png')
-        save_curves(run.path('log.jsonl'), run.cfg['tasks'], run.path('curves.png'))
+        save_curves(run.path('log.jsonl'), run.cfg['tasks'], run.path('curves.png'), gain_metrics(run.cfg['dataset']))
         if run.arch_optimizer:                  # what the search has found so far: --genotype= retrains it
             write_json(run.path('genotype.json'), run.net.distill.current_genotype())
     run.say(f"eval epoch {epoch}: val loss {record['val_loss']:.4f}, delta_m {format_delta(record['delta_m'])} "
-            f"({time.time() - t0:.1f} s)\n{format_metrics(record['metrics'], run.reference)}")
+            f"({time.time() - t0:.1f} s)\n{format_metrics(record['metrics'], run.reference, run.cfg['dataset'])}")
 
 
 def train(run):
@@ -604,7 +614,7 @@ def score_checkpoint(run, ckpt_path):
         write_json(run.path('eval.json'), result)
         run.save_grid('vis_eval.png')
     run.say(f"{ckpt_path} on the {run.cfg['dataset']} val split (val loss {result['val_loss']:.4f}):\n"
-            f"{format_metrics(result['metrics'], run.reference)}\n  delta_m: {format_delta(result['delta_m'])} "
+            f"{format_metrics(result['metrics'], run.reference, run.cfg['dataset'])}\n  delta_m: {format_delta(result['delta_m'])} "
             f"(reference: {run.reference_source})")
     return result
 
@@ -622,7 +632,8 @@ def finish(run):
     if run.master:
         write_json(run.path('results.json'), results)
     run.say(f"\n==== {cfg['model']} on {cfg['dataset']} ({cfg['backbone']}), seed {cfg['seed']}: final metrics after "
-            f"epoch {final['epoch']} (val loss {final['val_loss']:.4f})\n{format_metrics(final['metrics'], run.reference)}")
+            f"epoch {final['epoch']} (val loss {final['val_loss']:.4f})\n"
+            f"{format_metrics(final['metrics'], run.reference, cfg['dataset'])}")
     run.say(f"  delta_m: unavailable: {run.reference_source}" if final['delta_m'] is None else
             f"  delta_m vs {run.reference_source}: {final['delta_m']:+.2f} %   (best epoch {best['epoch']}: "
             f"{best['delta_m']:+.2f} %)")

@@ -112,9 +112,9 @@ def save_val_grid(path, net, val_set, tasks, n, autocast):
                          {t: torch.stack([s[t] for s in samples]) for t in tasks})
 
 
-def save_curves(log_path, tasks, path):
+def save_curves(log_path, tasks, path, metrics=TASK_METRIC):
     """PNG of a run's log.jsonl: each task's training loss over steps, and each task's main validation
-    metric (metrics.TASK_METRIC) over epochs."""
+    metric (`metrics`: the dataset's metrics.gain_metrics) over epochs."""
     with open(log_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     train_recs = [r for r in records if r['type'] == 'train']
@@ -126,7 +126,7 @@ def save_curves(log_path, tasks, path):
     axes[0].set(title='training loss', xlabel='step')
     axes[0].legend(fontsize=7)
     for ax, t in zip(axes[1:], tasks):
-        metric = TASK_METRIC[t][0]
+        metric = metrics[t][0]
         values = [r['metrics'][t][metric] for r in eval_recs]
         ax.plot([r['epoch'] for r in eval_recs], [float('nan') if v is None else v for v in values], 'o-')
         ax.set(title=f"val {t} {metric}", xlabel='epoch')

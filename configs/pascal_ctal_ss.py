@@ -1,6 +1,6 @@
 # PASCAL-Context (PASCAL_MT, 4998 train / 5105 val), Swin-V2-S: the recipe of the CTAL authors' transformer code
 # (code_transformer/configs/pascal/swinv2/*.yml; CTAL paper Sec. 3 and appendix). Training samples: random scale 0.5-2, crop
-# 512x512, flip, photometric distortion (data.pascal_augment); validation: padded to 512x512.
+# 512x512, flip, photometric distortion (data.atrc_augment); validation: padded centred to 512x512.
 dataset = 'pascal'
 data_root = 'data/PASCAL_MT'
 model = 'ctal_ss'

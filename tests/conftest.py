@@ -124,3 +124,29 @@ def write_pascal_sample(root, id_, size, rng, person=True, split='train', semseg
     anno = {'imname': id_, 'objects': _struct(('class', 'class_ind', 'mask', 'parts'), objects)}
     scipy.io.savemat(os.path.join(root, 'human_parts', id_ + '.mat'), {'anno': anno})
     return {'image': img, 'semseg': sem, 'saliency': sal, 'normals': nrm, 'context': ctx, 'parts': parts}
+
+
+def write_nyud_sample(root, id_, size, rng, split='train'):
+    """One sample of the NYUD_MT layout (ATRC's src/data/nyud.py): images/<id>.jpg, segmentation/<id>.png
+    (0 = void, classes 1..40), depth/<id>.npy (H, W) metres with a hole of 0, normals/<id>.npy (H, W, 3) unit
+    vectors with a hole of zeros, edge/<id>.npy (H, W) in {0, 1}, and the id appended to gt_sets/<split>.txt.
+    Returns the arrays written."""
+    h, w = size
+    for d in ('images', 'segmentation', 'depth', 'normals', 'edge', 'gt_sets'):
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    with open(os.path.join(root, 'gt_sets', f'{split}.txt'), 'a') as f:
+        f.write(id_ + '\n')
+    yy, xx = np.mgrid[0:h, 0:w]                   # smooth, so that JPEG keeps it close
+    img = np.stack([yy * 255 // h, xx * 255 // w, (yy + xx) * 127 // (h + w)], -1).astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(root, 'images', id_ + '.jpg'), quality=95)
+    seg = rng.integers(0, 41, (h, w)).astype(np.uint8)             # 0 = void
+    Image.fromarray(seg).save(os.path.join(root, 'segmentation', id_ + '.png'))
+    depth = rng.uniform(0.5, 9.0, (h, w)).astype(np.float32)
+    depth[:3, :4] = 0
+    normals = rng.normal(size=(h, w, 3)).astype(np.float32)
+    normals /= np.linalg.norm(normals, axis=2, keepdims=True)
+    normals[-2:, -3:] = 0
+    edge = (rng.random((h, w)) < 0.1).astype(np.float32)
+    for name, x in (('depth', depth), ('normals', normals), ('edge', edge)):
+        np.save(os.path.join(root, name, id_ + '.npy'), x)
+    return {'image': img, 'semseg': seg, 'depth': depth, 'normals': normals, 'edge': edge}

@@ -35,6 +35,12 @@ def test_parameter_counts_are_the_papers():
     assert n_params(build_model('atrc', NYUD, (425, 560), genotype=everywhere('global'))) == 4_734_172
     assert n_params(build_model('atrc', NYUD, (425, 560), genotype=everywhere('local'))) == 4_734_172
     assert n_params(atrc.backbone) + n_params(atrc.features) + n_params(atrc.logits) == 4_515_556
+    # the dataset nyud is this setting; ATRC's baselines as models (their FCNHead): 4.52 M and 16.09 M (Tab. 1)
+    from data import DATASETS
+    assert (DATASETS['nyud']['tasks'], DATASETS['nyud']['size']) == (NYUD, (425, 560))
+    baseline = build_model('atrc_mtl', NYUD, (425, 560))
+    assert n_params(baseline) == 4_515_556 and n_params(build_model('atrc_stl', NYUD, (425, 560))) == 16_097_716
+    assert set(baseline.state_dict()) <= set(atrc.state_dict())          # ATRC = the baseline + its distillation
     # PASCAL-Context: the authors' 5,383,142 has a 2-channel saliency output; ours has 1 (67 + 1 weights fewer)
     assert n_params(build_model('atrc', dict(PASCAL, saliency=2), (512, 512))) == 5_383_142
     assert n_params(build_model('atrc', PASCAL, (512, 512))) == 5_383_142 - 68

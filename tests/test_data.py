@@ -13,7 +13,7 @@ from PIL import Image
 
 import data
 import synthetic
-from conftest import write_pascal_sample
+from conftest import write_nyud_sample, write_pascal_sample
 
 torch.manual_seed(0)
 
@@ -382,7 +382,7 @@ def test_pascal_augmentation_flip_and_centred_padding(tmp_path, monkeypatch):
     root = str(tmp_path / 'PASCAL_MT')
     write_pascal_sample(root, 'big', (40, 64), np.random.default_rng(2))
     plain = data.PASCALContext(root, size=64)[0]                       # val path: padded centred too
-    monkeypatch.setattr(data, 'PASCAL_SCALE_RANGE', (1.0, 1.0))
+    monkeypatch.setattr(data, 'ATRC_SCALE_RANGE', (1.0, 1.0))
     monkeypatch.setattr(data, 'photometric_distortion', lambda image: image)
     ds = data.PASCALContext(root, size=64, augment=True)
     mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
@@ -792,3 +792,97 @@ def test_cli_synthetic_and_check(tmp_path, capsys):
     assert 'Traceback' not in captured.err
     with pytest.raises(SystemExit):
         synthetic.main([out, '--size', '20-28'])
+
+
+# ---------------------------------------------------------------------------------------------------
+# NYUD_MT (ATRC's NYUD-v2 release)
+
+@pytest.fixture
+def nyud(tmp_path):
+    root = str(tmp_path / 'NYUD_MT')
+    rng = np.random.default_rng(5)
+    written = {'0001': write_nyud_sample(root, '0001', (30, 44), rng),
+               '0002': write_nyud_sample(root, '0002', (30, 44), rng),
+               '0003': write_nyud_sample(root, '0003', (30, 44), rng, split='val')}
+    return root, written
+
+
+def test_nyud_reads_the_release_formats_onto_the_centred_canvas(nyud):
+    """Every task as ATRC's loader reads it: semseg PNG v - 1 with 0 = void -> ignore, depth in metres with 0
+    invalid, normals with the zero vector invalid, edges in {0, 1}; placed centred on the 36x48 canvas
+    (rows 3.., columns 2..) with 'no value' around, and the image in [0, 1] (the model normalises)."""
+    root, written = nyud
+    ds = data.build_dataset('nyud', root, 'train', size=(36, 48))
+    assert len(ds) == 2 and isinstance(ds, data.NYUDMT) and ds.size == (36, 48)
+    s, a = ds[1], written['0002']
+    assert s['meta'] == {'id': '0002', 'size': (30, 44)}
+    crop = lambda x: data.restore_size(x, (30, 44), (36, 48)).numpy()
+    seg = a['semseg'].astype(np.int64) - 1
+    seg[seg < 0] = 255
+    assert s['semseg'].dtype == torch.int64 and np.array_equal(crop(s['semseg']), seg)
+    assert (s['semseg'][:3] == 255).all() and (s['semseg'][:, :2] == 255).all()          # padding: ignore
+    assert np.array_equal(crop(s['depth'])[0], a['depth']) and (s['depth'][0, :3] == 0).all()
+    assert np.array_equal(crop(s['normals']), a['normals'].transpose(2, 0, 1)) and (s['normals'][:, :3] == 0).all()
+    assert np.array_equal(crop(s['edge'])[0], a['edge']) and (s['edge'][0, :3] == 255).all()
+    assert np.abs(crop(s['image']) * 255 - a['image'].transpose(2, 0, 1)).mean() < 3
+    assert torch.equal(s['image'][:, 0, 0], torch.tensor(data.IMAGENET_MEAN))
+    assert data.DATASETS['nyud']['tasks'] == {'semseg': 40, 'depth': 1, 'normals': 3, 'edge': 1}
+    assert data.DATASETS['nyud']['size'] == (425, 560) and data.DATASETS['nyud']['edge_pos_weight'] == 0.8
+    sub = data.build_dataset('nyud', root, 'val', ('depth',), size=(36, 48))
+    assert set(sub[0]) == {'image', 'depth', 'meta'}
+    torch.manual_seed(0)                                    # ATRC's augmentation: the canvas size, depth / scale
+    aug = data.build_dataset('nyud', root, 'train', augment=True, size=(36, 48))[0]
+    assert all(aug[k].shape[-2:] == (36, 48) for k in ('image', 'semseg', 'depth', 'normals', 'edge'))
+    with pytest.raises(ValueError, match='scale_crop'):
+        data.build_dataset('nyud', root, 'train', scale_crop=True)
+
+
+def test_nyud_bad_files_are_named(nyud, tmp_path, capsys):
+    root, _ = nyud
+    assert data.main(['check', 'nyud', root]) == 0
+    out = capsys.readouterr().out
+    assert 'nyud train: 2 of 2 samples OK' in out and 'nyud val: 1 of 1 samples OK' in out
+    os.makedirs(tmp_path / 'empty')
+    with pytest.raises(FileNotFoundError, match='gt_sets/train.txt'):
+        data.NYUDMT(str(tmp_path / 'empty'))
+    bad = [('segmentation/0002.png', lambda p: Image.fromarray(np.full((30, 44), 41, np.uint8)).save(p),
+            'classes 1..40'),
+           ('normals/0002.npy', lambda p: np.save(p, np.full((30, 44, 3), 2.0, np.float32)), 'unit vectors'),
+           ('depth/0002.npy', lambda p: np.save(p, np.zeros((10, 10), np.float32)), 'but the image is'),
+           ('edge/0002.npy', lambda p: np.save(p, np.full((30, 44), 3.0, np.float32)), r'values in \[0, 1\]')]
+    for path, write, words in bad:
+        full = os.path.join(root, path)
+        keep = open(full, 'rb').read()
+        write(full)
+        assert data.main(['check', 'nyud', root, '--split', 'train']) == 1
+        err = capsys.readouterr().err
+        assert 'nyud train: FAILED:' in err and path in err and 'Traceback' not in err, err
+        with pytest.raises(ValueError, match=words):
+            data.NYUDMT(root)[1]
+        open(full, 'wb').write(keep)
+    os.remove(os.path.join(root, 'edge', '0001.npy'))
+    with pytest.raises(FileNotFoundError, match=r'edge/0001.npy \(listed in gt_sets/train.txt\)'):
+        data.NYUDMT(root)
+
+
+def test_synthetic_scenes_in_the_nyud_mt_layout(tmp_path, capsys):
+    """`python synthetic.py OUT --layout nyud_mt` writes the scenes of the NYUv2-format set as a NYUD_MT
+    release: the same labels (+ 1 in the PNG), depth, normals, edges from the label boundaries."""
+    mtan = synthetic.make_synthetic(str(tmp_path / 'mtan'), 3, 2, (24, 32), seed=1)
+    synthetic.main([str(tmp_path / 'nyud'), '--n-train', '3', '--n-val', '2', '--size', '24x32', '--seed', '1',
+                    '--layout', 'nyud_mt'])
+    assert 'nyud_mt' in capsys.readouterr().out
+    for split, first in (('train', 0), ('val', 3)):
+        plain, ds = data.NYUv2(mtan, split), data.NYUDMT(str(tmp_path / 'nyud'), split, size=(24, 32))
+        assert ds.ids == [f'{first + i:05d}' for i in range(len(plain))]
+        for i in range(len(plain)):
+            a, b = plain[i], ds[i]
+            assert torch.equal(a['semseg'], b['semseg']) and torch.equal(a['depth'], b['depth'])
+            assert torch.equal(a['normals'], b['normals'])
+            label = np.load(os.path.join(mtan, split, 'label', f'{i}.npy'))
+            assert np.array_equal(b['edge'][0].numpy(), data.label_edges(label).astype(np.float32))
+            assert (a['image'] - b['image']).abs().mean() < 0.04              # JPEG (quality 95) of textured 24x32 scenes
+    again = synthetic.make_synthetic(str(tmp_path / 'nyud'), 3, 2, (24, 32), seed=1, layout='nyud_mt')
+    assert open(os.path.join(again, 'gt_sets', 'val.txt')).read() == '00003\n00004\n'      # not rewritten
+    synthetic.make_synthetic(again, 2, 1, (24, 32), seed=1, layout='nyud_mt')              # other arguments: redone
+    assert sorted(os.listdir(os.path.join(again, 'edge'))) == ['00000.npy', '00001.npy', '00002.npy']

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import metrics
-from metrics import (STL_REFERENCE, TASK_METRIC, build_meters, delta_m, task_loss)
+from metrics import PAPER_NYUD_HRNET18, STL_REFERENCE, TASK_METRIC, build_meters, delta_m, gain_metrics, task_loss
 
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 HALF_BIN = metrics.NORMALS_BIN_DEG / 2 + 1e-9   # normals median resolution (45 deg sits on a bin edge)
@@ -566,3 +566,60 @@ def test_stl_reference_is_the_papers_stl_row(key, table):
     _, tasks, stl, _ = next(t for t in TABLES if t[0] == table)
     assert STL_REFERENCE[key] == dict(zip(tasks, map(float, stl.split())))
     assert delta_m(STL_REFERENCE[key], STL_REFERENCE[key]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- NYUD_MT
+
+def test_nyud_paper_rows_give_atrcs_printed_delta_m():
+    """ATRC Tab. 1 / 2 on NYUD-v2 (HRNet-18): delta_m over semseg mIoU, depth RMSE (gain_metrics('nyud')),
+    normals mean and odsF (higher is better), against the single-task row, is the printed figure to the
+    rounding of 5-seed means; a run's reference is that row without odsF (no SEISM benchmark here)."""
+    gain = dict(gain_metrics('nyud'), edge=('odsF', +1))
+    assert gain['depth'] == ('rmse', -1) and gain_metrics('nyuv2')['depth'] == ('rel_err', -1)
+    stl = PAPER_NYUD_HRNET18['atrc_stl']
+    for model, printed in (('atrc_mtl', -1.89), ('atrc', 1.56), ('atrc_ms', 3.57)):
+        assert delta_m(PAPER_NYUD_HRNET18[model], stl, gain) == pytest.approx(printed, abs=0.015), model
+    assert STL_REFERENCE[('nyud', 'hrnet18')] == {'semseg': 38.02, 'depth': 0.6104, 'normals': 20.94}
+    ours = {'semseg': {'mIoU': 40.0}, 'depth': {'rmse': 0.55, 'rel_err': 9.0}, 'normals': {'mean': 20.0}}
+    hand = 100 / 3 * ((40 - 38.02) / 38.02 - (0.55 - 0.6104) / 0.6104 - (20 - 20.94) / 20.94)
+    assert delta_m(ours, STL_REFERENCE[('nyud', 'hrnet18')], gain_metrics('nyud')) == pytest.approx(hand, rel=1e-12)
+
+
+def test_nyud_edge_loss_and_meter_use_atrcs_weight_0_8():
+    expected = (0.8 * POS_TERMS + 0.2 * NEG_TERMS) / 5
+    assert task_loss('edge', img(SAL_LOGITS), img(SAL_TARGET), edge_pos_weight=0.8).item() == pytest.approx(expected, rel=1e-6)
+    meter = build_meters({'edge': 1}, edge_pos_weight=0.8)['edge']
+    meter.update(img(SAL_LOGITS, torch.float64), img(SAL_TARGET))
+    assert meter.compute()['loss'] == pytest.approx(expected, rel=1e-12)
+
+
+def test_forty_class_miou_with_ignore_and_rmse_over_valid_pixels_by_hand():
+    """NYUD_MT's metrics from their definitions with explicit loops: mIoU over the 40 classes (a class absent
+    from target and prediction is left out; 255 skipped), depth RMSE over the pixels with depth != 0."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 40, (2, 9, 11), generator=g)
+    target[:, :2] = 255
+    target[target == 7] = 255                                  # class 7 only ever predicted, never a target
+    logits = torch.randn(2, 40, 9, 11, generator=g)
+    meter = build_meters({'semseg': 40})['semseg']
+    meter.update(logits, target)
+    pred = logits.argmax(1)
+    ious = []
+    for k in range(40):
+        inter = union = 0
+        for t, p in zip(target.flatten().tolist(), pred.flatten().tolist()):
+            if t == 255:
+                continue
+            inter += (t == k and p == k)
+            union += (t == k or p == k)
+        if union:
+            ious.append(inter / union)
+    assert meter.compute()['mIoU'] == pytest.approx(100 * sum(ious) / len(ious), rel=1e-12)
+    depth_pred = torch.rand(2, 1, 5, 6, generator=g) * 5
+    depth_true = torch.rand(2, 1, 5, 6, generator=g) * 5
+    depth_true[0, 0, :2] = 0
+    meter = build_meters({'depth': 1})['depth']
+    meter.update(depth_pred, depth_true)
+    pairs = [(p, t) for p, t in zip(depth_pred.flatten().tolist(), depth_true.flatten().tolist()) if t != 0]
+    assert len(pairs) == 60 - 12
+    assert meter.compute()['rmse'] == pytest.approx(math.sqrt(sum((p - t) ** 2 for p, t in pairs) / len(pairs)), rel=1e-9)

@@ -116,6 +116,7 @@ def expected_counts(tasks, size, denominator=4):
     hrhead = lambda k: fuse + conv(270, k)
     ip_head = lambda cin, k: bottleneck(cin, 64) + bottleneck(256, 64) + conv(256, k)
     final = lambda c, k: 2 * bottleneck(c, c // 4) + conv(c, k)
+    fcn = lambda k: conv(270, 67, 3, False) + bn(67) + conv(67, k)
     hw = round(H / denominator) * round(W / denominator)
     ctal = (hw * T * 9 + hw) + T * conv(128, 128, 3)
     conv_out = conv(128, 128, 2) + bn(128) + conv(128, 128, 3)
@@ -138,6 +139,8 @@ def expected_counts(tasks, size, denominator=4):
         'tif': hrnet + tif_decoder(tasks, ch, 58),
         'atrc': hrnet + atrc_head(tasks, {t: {s: ATRC_NYUD[t][s] for s in tasks} for t in tasks}),
         'atrc_ms': front + T * fuse + atrc_head(tasks, {t: {s: ATRC_NYUD[t][s] for s in tasks} for t in tasks}),
+        'atrc_mtl': hrnet + sum(fcn(k) for k in Ks),                 # ATRC's FCNHead: F_t and the logits
+        'atrc_stl': sum(hrnet + fcn(k) for k in Ks),
     }
 
 
@@ -272,7 +275,7 @@ def run_and_check(model, tasks, size, batch=1, device='cpu'):
 
 
 def check_initial_structure(name, out, tasks):
-    if name in ('stl', 'mtl', 'tif', 'atrc'):           # tif, atrc: the papers have no deep supervision
+    if name in ('stl', 'mtl', 'tif', 'atrc', 'atrc_stl', 'atrc_mtl'):     # tif, atrc (and its baselines): none
         assert out['initial'] == {}
     elif name in ('mtinet', 'ctal_ms', 'atrc_ms'):
         assert set(out['initial']) == set(tasks)

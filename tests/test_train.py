@@ -105,20 +105,23 @@ def test_unknown_key_lists_the_valid_keys_also_from_a_config_file(tmp_path):
 def test_every_config_follows_the_recipe():
     """Every (dataset, model) of the papers, with the authors' lr / wd / epochs / schedule / clip; PASCAL with
     their transformer code's per-model loss weights and L1 normals loss (no clipping: no code of theirs reads
-    the clip value their configs name)."""
-    expected = {f'nyuv2_{m}' for m in train.MODEL_NAMES} | {f'cityscapes_{m}' for m in train.MODEL_NAMES} | \
+    the clip value their configs name); nyud (ATRC's NYUD-v2) with ATRC's recipe and loss weights."""
+    cnn_models = [m for m in train.MODEL_NAMES if m not in ('atrc_stl', 'atrc_mtl')]    # ATRC's baselines: nyud
+    expected = {f'nyuv2_{m}' for m in cnn_models} | {f'cityscapes_{m}' for m in cnn_models} | \
         {f'pascal_{m}' for m in ('stl', 'mtl', 'padnet', 'papnet', 'ctal_ss', 'tif', 'atrc')} | \
+        {f'nyud_{m}' for m in ('stl', 'mtl', 'atrc', 'atrc_ms', 'atrc_search', 'tif', 'ctal_ss')} | \
         {'synthetic_stl', 'synthetic_mtl', 'synthetic_ctal_ss', 'synthetic_tif', 'synthetic_atrc'}
     found = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))}
     assert expected <= found
     found -= {'recipe_atrc', 'recipe_tif'}                            # recipes to layer over these (tested below)
     recipe = {'nyuv2': (1e-4, 1e-4, 200, 0.0, 'hrnet18'), 'cityscapes': (5e-4, 1e-4, 75, 0.0, 'hrnet18'),
-              'pascal': (2e-5, 1e-5, 70, 0.0, 'swinv2_s')}
+              'pascal': (2e-5, 1e-5, 70, 0.0, 'swinv2_s'), 'nyud': (0.01, 5e-4, 200, 0.0, 'hrnet18')}
     for name in sorted(found):
         cfg = train.parse_config([os.path.join(ROOT, 'configs', name + '.py')])
         dataset, model = name.split('_', 1)
         search = model.endswith('_search')                           # ATRC's architecture search
         model = model.removesuffix('_search')
+        model = {'stl': 'atrc_stl', 'mtl': 'atrc_mtl'}.get(model, model) if dataset == 'nyud' else model
         assert (cfg['dataset'], cfg['model'], cfg['atrc_search']) == (dataset, model, search), name
         if dataset == 'synthetic':
             continue
@@ -128,10 +131,15 @@ def test_every_config_follows_the_recipe():
         assert (cfg['lr'], cfg['weight_decay'], cfg['epochs'], cfg['grad_clip'], cfg['backbone']) == \
             (lr, wd, epochs, clip, backbone), name
         assert cfg['batch_size'] == 8 and cfg['gamma'] == 0.05 and cfg['pretrained'] is None, name
+        assert cfg['normals_loss'] == ('l1' if dataset in ('pascal', 'nyud') else 'cosine'), name
+        if dataset == 'nyud':                            # ATRC's recipe: SGD, poly per step, 40k steps (TIF: 50k)
+            assert (cfg['optimizer'], cfg['scheduler'], cfg['iters'], cfg['eval_interval']) == \
+                ('sgd', 'poly', 50000 if model == 'tif' else 40000, 10), name
+            assert cfg['loss_weights'] == {'semseg': 1.0, 'depth': 1.0, 'normals': 10.0, 'edge': 50.0}, name
+            continue
         ms = dataset == 'cityscapes' and model in ('mtinet', 'ctal_ms', 'atrc_ms')
         assert cfg['scheduler'] == ('cosine_restarts' if ms else 'cosine'), name
         assert cfg['restart_period'] is None and cfg['restart_mult'] == 2, name
-        assert cfg['normals_loss'] == ('l1' if dataset == 'pascal' else 'cosine'), name
         assert (cfg['optimizer'], cfg['iters']) == ('adam', 0), name               # ATRC's: configs/recipe_atrc.py
         if model == 'stl':                               # their STL: each network on its own unweighted loss
             assert set(cfg['loss_weights'].values()) == {1.0}, name
@@ -545,3 +553,52 @@ def test_genotype_file_is_read_into_the_config(tmp_path):
     for name in ('bad.json', 'missing.json'):
         with pytest.raises(train.UserError, match=f"genotype=.*{name}.*cannot read it as a JSON file"):
             train.parse_config(['--model=atrc', f'--genotype={tmp_path / name}'])
+
+
+# ---------------------------------------------------------------------------------------------- NYUD_MT
+
+def test_nyud_atrc_config_trains_and_evaluates_on_the_release_formats(tmp_path):
+    """configs/nyud_atrc.py end to end on a NYUD_MT fixture in the release's formats (30x44 images on a 32x48
+    canvas): ATRC's recipe (SGD, poly per step, iterations), four tasks with the edge loss at ATRC's NYUD
+    weight 0.8, delta_m against ATRC's single task on semseg / depth RMSE / normals (no odsF)."""
+    from conftest import write_nyud_sample
+    root = str(tmp_path / 'NYUD_MT')
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_nyud_sample(root, f'{i:04d}', (30, 44), rng, split='train' if i < 3 else 'val')
+    out = tmp_path / 'out'
+    args = [os.path.join(ROOT, 'configs', 'nyud_atrc.py'), f'--data_root={root}', f'--out_dir={out}', '--img_size=32x48',
+            '--iters=3', '--batch_size=2', '--num_workers=0', '--vis_images=1', '--log_interval=1']
+    assert train.main(args) == 0
+    with open(out / 'results.json') as f:
+        res = json.load(f)
+    cfg = res['config']
+    assert (cfg['dataset'], cfg['model'], cfg['optimizer'], cfg['scheduler'], cfg['normals_loss']) == \
+        ('nyud', 'atrc', 'sgd', 'poly', 'l1')
+    assert cfg['loss_weights'] == {'semseg': 1.0, 'depth': 1.0, 'normals': 10.0, 'edge': 50.0}
+    assert (res['epochs'], res['steps']) == (3, 3)                       # 1 step per epoch (3 images, batch 2)
+    final = res['final']['metrics']
+    assert set(final) == {'semseg', 'depth', 'normals', 'edge'} and 'rmse' in final['depth']
+    ref = res['reference']['values']
+    assert ref == {'semseg': 38.02, 'depth': 0.6104, 'normals': 20.94}
+    expected = 100 / 3 * ((final['semseg']['mIoU'] - 38.02) / 38.02 - (final['depth']['rmse'] - 0.6104) / 0.6104
+                          - (final['normals']['mean'] - 20.94) / 20.94)
+    assert res['final']['delta_m'] == pytest.approx(expected, rel=1e-9)
+    assert train.loss_options(cfg) == {'normals_form': 'l1', 'edge_pos_weight': 0.8}
+    assert train.loss_options(dict(cfg, dataset='pascal'))['edge_pos_weight'] == 0.95
+    assert os.path.isfile(out / 'vis_epoch003.png')
+
+
+@pytest.mark.parametrize('model', ['atrc', 'tif'])
+def test_atrc_and_tif_train_on_synthetic_scenes_in_the_nyud_layout(model, tmp_path):
+    """The whole NYUD route without a download: synthetic.py --layout nyud_mt, then the model's nyud config
+    for a few steps (its recipe), the loss going down on the 4 training scenes."""
+    from synthetic import make_synthetic
+    root = make_synthetic(str(tmp_path / 'syn'), 4, 2, (32, 48), seed=0, layout='nyud_mt')
+    out = tmp_path / model
+    assert train.main([os.path.join(ROOT, 'configs', f'nyud_{model}.py'), f'--data_root={root}', f'--out_dir={out}',
+                       '--img_size=32x48', '--iters=8', '--batch_size=4', '--augment=False', '--num_workers=0',
+                       '--vis_images=0', '--log_interval=1', '--lr=0.005', '--hrnet_bn_momentum=0.1']) == 0
+    losses = [r['loss'] for r in read_log(out)]
+    assert len(losses) == 8 and losses[-1] < losses[0], losses
+    assert [e['epoch'] for e in read_log(out, 'eval')] == [8]
