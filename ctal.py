@@ -1,4 +1,4 @@
-"""CTAL: the Cross-Task Affinity Learning module (EMA-Net), exact and in linear memory.
+"""CTAL: the Cross-Task Affinity Learning module (EMA-Net), written literally and in an exact linear form.
 
 This file imports only torch: copy it into any project.
 
@@ -15,10 +15,8 @@ positions p, q and f̂_t(p) = F_t[:, p] / ||F_t[:, p]|| (L2 over channels):
   4. diffusion             V_t = projection_t(F_t);  D_t[:, p] = sum_q V_t[:, q] G_t[p, q]
   5. blend                 out_t = gamma * D_t + (1 - gamma) * F_t
 
-`impl='dense'` computes exactly that, in O(HW^2 (T C + T k^2)) time: at the NYUv2 1/4 scale (72 x 96)
-each A_t is 6912 x 6912 (191 MB per image in float32). `DenseDiffusion` forms A_t and G one block of query
-rows p at a time (the grouped conv restricted to rows p is a weighted sum of k*k shifted copies of those
-rows of A), so only a block is ever held: memory O(rows T HW), not O(T HW^2).
+`impl='dense'` is exactly that, in plain autograd (`dense_diffusion`, the authors' own computation): time
+O(HW^2 (T C + T k^2)), and T HW x HW affinities in memory (191 MB each per image at NYUv2's 1/4, 72 x 96).
 
 `impl='linear'` computes the same numbers without ever forming an HW x HW tensor. Nothing nonlinear
 sits between steps 1 and 4, so with d ranging over the k*k kernel offsets (zero padding):
@@ -32,15 +30,15 @@ Z_t[(n, c, d), p] = w_t[p, n, d] f̂_n(p)[c] has the same shape. Then the whole 
 
   K = V U^T   (T*C, T*C*k^2)     then     D = K Z + outer(sum_q V, b)     (T*C, HW)
 
-O(HW T^2 k^2 C^2) time. At 72 x 96, C = 128, T = 3, k = 3 that is about half the FLOPs of the dense form;
-at 1/6 and 1/8 the dense form needs fewer (`choose_impl` picks per device). `LinearDiffusion` takes the
-(n, c, d) rows one offset d at a time, K_d = V S_d^T and D = sum_d K_d Z_d, where S_d (the maps shifted by
-d) is a strided view of the zero-padded maps and Z_d has the size of f̂: so no (T*C*k^2, HW) tensor is
-ever written, memory is O(HW T C), and the time is the GEMMs'. Backward recomputes the Z_d; the only
-activations saved are f̂, V and the small K_d.
+O(HW T^2 k^2 C^2) time and O(HW T C) memory. `LinearDiffusion` takes the (n, c, d) rows one offset d at a
+time, K_d = V S_d^T and D = sum_d K_d Z_d, with the maps in channels-last layout (positions x channels) on a
+zero-padded grid: there a shift by d is a block of rows, so S_d is a view, and each product is one GEMM batched
+over the images (`choose_impl` says which form is cheaper where; `python profile.py --module ctal` measures both).
 
 Both implementations hold the SAME parameters, so a checkpoint trained with one loads into the other.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,48 +46,39 @@ import torch.nn.functional as F
 IMPLS = ("auto", "dense", "linear")
 FUSIONS = ("shared", "task")
 
+# per FLOP, how much more the dense form costs than the linear one on a device type: on a CPU its grouped conv
+# (one group per query position: thousands of tiny kernels, and a backward far below GEMM speed) and its
+# HW x HW tensors, which run at memory speed, cost more than their FLOPs. Chosen between the ratios measured
+# where the two forms break even (`python profile.py --module ctal`; the README has the table). GPUs: not
+# measured, the FLOP rule (1).
+DENSE_COST_PER_FLOP = {"cpu": 3.0}
 
-# per FLOP, how much slower the dense form runs than the linear one on a CPU: its fusion (k*k passes over every
-# affinity block) runs at memory speed, and its backward recomputes the affinities (measurements in `choose_impl`)
-DENSE_COST_PER_FLOP = {"cpu": 1.7}
+
+def core_flops(num_tasks, channels, size, kernel_size=3, fusion="shared"):
+    """(dense, linear) multiply-adds per image of the two cores; normalisation, projections and blend are shared.
+      dense:  A_t (T C HW^2) + grouped conv (m T k^2 HW^2) + diffusion (T C HW^2)
+      linear: K_d = V S_d^T over the zero-padded grid (T^2 k^2 C^2 L, L = (h + 2r)(w + 2r), r = k // 2)
+              + sum_d K_d Z_d (T^2 k^2 C^2 HW)"""
+    T, C, k, (h, w) = num_tasks, channels, kernel_size, size
+    m, hw = T if fusion == "task" else 1, h * w
+    return hw * hw * (2 * T * C + m * T * k * k), T * T * k * k * C * C * ((h + k - 1) * (w + k - 1) + hw)
 
 
 def choose_impl(num_tasks, channels, size, kernel_size=3, fusion="shared", device="cuda"):
-    """What impl='auto' runs on a device of type `device` ('cpu', 'cuda', ...): 'dense' or 'linear'.
-
-    The one with the lower cost = multiply-adds per image x the device's cost per FLOP. Both share
-    normalisation, projections and the blend; they differ in the core:
-      dense:  A_t (T C HW^2) + grouped conv (m T k^2 HW^2) + diffusion (T C HW^2)
-      linear: K_d = V S_d^T over the zero-padded grid (T^2 k^2 C^2 L, L = (h + 2r)(w + 2r), r = k // 2)
-              + sum_d K_d Z_d (T^2 k^2 C^2 HW)
-    GPUs (dense and linear at the same cost per FLOP; not measured here): for T = 3, C = 128, k = 3, shared
-    fusion, NYUv2 at 1/4 (72 x 96) -> linear, at 1/6 (48 x 64) and 1/8 (36 x 48) -> dense.
-    CPU (dense costs 1.7x more per FLOP): linear from NYUv2 1/6 up, dense from 1/8 down. Measured fwd + bwd
-    on a 2-core CPU (C = 128, T = 3, batch 2, fp32; time dense / time linear, and the FLOP ratio of the rule):
-      9x12 0.20 (0.03) · 16x16 0.25 (0.07) · 24x32 0.50 (0.21) · 36x48 0.89 (0.49) · 48x64 1.44 (0.89)
-      · 72x96 3.05 (2.02)
-    i.e. 1.5-1.8x the FLOP ratio where the GEMMs dominate (more on small maps, where both are fast); any
-    factor from 1.13 to 2.03 picks the faster one at every size measured. The choice depends only on the
-    shapes and the device type, so a run, and its resume, always makes the same one.
-    """
-    T, C, k, (h, w) = num_tasks, channels, kernel_size, size
-    m = T if fusion == "task" else 1
-    hw, padded = h * w, (h + k - 1) * (w + k - 1)
-    dense = hw * hw * (2 * T * C + m * T * k * k) * DENSE_COST_PER_FLOP.get(device, 1.0)
-    linear = T * T * k * k * C * C * (padded + hw)
-    return "linear" if linear < dense else "dense"
+    """What impl='auto' runs on a device of type `device` ('cpu', 'cuda', ...): 'dense' or 'linear', the one
+    with the lower cost = `core_flops` x the device's cost per FLOP (DENSE_COST_PER_FLOP; 1 where it is not
+    measured: on GPUs the FLOP rule). It depends only on the shapes and the device type, so a run and its
+    resume make the same choice."""
+    dense, linear = core_flops(num_tasks, channels, size, kernel_size, fusion)
+    return "linear" if linear < dense * DENSE_COST_PER_FLOP.get(device, 1.0) else "dense"
 
 
 class CTAL(nn.Module):
-    """Cross-Task Affinity Learning for T tasks at one feature size (h, w).
+    """Cross-Task Affinity Learning for T tasks at one feature size (h, w): feats, a list of T tensors
+    (B, C, h, w) or a dict task -> tensor, -> the refined features, same shapes (a dict for a dict). The grouped
+    conv has one kernel per query position, so the module is tied to the (h, w) it was built for."""
 
-    feats: list of T tensors (B, C, h, w), or a dict task -> tensor (then a dict comes back).
-    Returns the refined features, same shapes. The grouped conv has one kernel per query position,
-    so the module is tied to the (h, w) it was built for.
-    """
-
-    def __init__(self, num_tasks, channels, size, kernel_size=3, gamma=0.05, fusion="shared",
-                 impl="auto"):
+    def __init__(self, num_tasks, channels, size, kernel_size=3, gamma=0.05, fusion="shared", impl="auto"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"CTAL fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -105,17 +94,14 @@ class CTAL(nn.Module):
             raise ValueError(f"CTAL size must be the feature map's (h, w), two positive ints, got {size!r}")
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"CTAL gamma must be in [0, 1] (out = gamma * D + (1 - gamma) * F), got {gamma!r}")
-        h, w = size
-        hw = h * w
-        self.num_tasks, self.channels, self.size = num_tasks, channels, (h, w)
+        hw = size[0] * size[1]
+        self.num_tasks, self.channels, self.size = num_tasks, channels, tuple(size)
         self.kernel_size, self.gamma, self.fusion_mode = kernel_size, float(gamma), fusion
         self.m = num_tasks if fusion == "task" else 1
         # group p reads channels p*T .. p*T+T-1 of M (the T affinity maps of position p) and writes
         # channels p*m .. p*m+m-1 of G: weight (HW*m, T, k, k), bias (HW*m,)
-        self.fusion = nn.Conv2d(num_tasks * hw, hw * self.m, kernel_size, padding=kernel_size // 2,
-                                groups=hw)
-        self.projection = nn.ModuleList(
-            nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_tasks))
+        self.fusion = nn.Conv2d(num_tasks * hw, hw * self.m, kernel_size, padding=kernel_size // 2, groups=hw)
+        self.projection = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(num_tasks))
         self.impl = impl                      # 'auto' is resolved per device in forward (`impl_for`)
 
     def impl_for(self, device):
@@ -137,16 +123,12 @@ class CTAL(nn.Module):
         xs = [feats[key] for key in keys] if keys is not None else feats
         self._check_inputs(xs)
         xs = list(xs)
-        B, C, (h, w), T = xs[0].shape[0], self.channels, self.size, self.num_tasks
         x = torch.stack(xs, 1)                                               # (B, T, C, h, w)
         f_hat = F.normalize(x, dim=2).flatten(3)                             # (B, T, C, HW)
         v = torch.stack([proj(xi) for proj, xi in zip(self.projection, xs)], 1).flatten(3)
-        if self.impl_for(x.device) == "dense":
-            d = DenseDiffusion.apply(f_hat, v, self.fusion.weight, self.fusion.bias, (h, w))
-        else:
-            d = LinearDiffusion.apply(f_hat, v, self.fusion.weight, self.fusion.bias, (h, w))
-        out = self.gamma * d.view(B, T, C, h, w) + (1 - self.gamma) * x      # (B, T, C, h, w)
-        out = out.unbind(1)
+        diffusion = dense_diffusion if self.impl_for(x.device) == "dense" else LinearDiffusion.apply
+        d = diffusion(f_hat, v, self.fusion.weight, self.fusion.bias, self.size)
+        out = (self.gamma * d.view(x.shape) + (1 - self.gamma) * x).unbind(1)
         return dict(zip(keys, out)) if keys is not None else list(out)
 
     def _check_inputs(self, xs):
@@ -170,339 +152,156 @@ class CTAL(nn.Module):
                                  f"input {i} has {x.shape[0]}")
 
 
-class _Shifts:
-    """The k*k shifted copies f̂(. + d) of one image's maps as strided views, never materialised.
+def dense_diffusion(f_hat, v, weight, bias, size):
+    """D of the literal algorithm (steps 1-4) with ordinary autograd: f_hat, v (B, T, C, HW); weight
+    (HW*m, T, k, k) and bias (HW*m,) of the grouped conv (`CTAL.fusion`)."""
+    B, T, C, hw = f_hat.shape
+    a = f_hat.transpose(2, 3) @ f_hat                                  # (B, T, HW, HW): A_t[p, q]
+    m_in = a.transpose(1, 2).reshape(B, hw * T, *size)                 # (B, HW*T, h, w): M[p*T + t] = A_t[p]
+    g = F.conv2d(m_in, weight, bias, padding=weight.shape[-1] // 2, groups=hw)         # (B, HW*m, h, w)
+    g = g.view(B, hw, -1, hw).transpose(1, 2)                          # (B, m, HW, HW): G_j[p, q]
+    v_m = v.reshape(B, g.shape[1], -1, hw)                             # (B, m, T*C/m, HW): the V_t each G_j serves
+    return (v_m @ g.transpose(2, 3)).reshape(B, T, C, hw)              # D[:, p] = sum_q V[:, q] G[p, q]
 
-    The maps are zero-padded by r = k // 2 to (h + 2r) x (w + 2r) = L positions and flattened, with
-    `margin` = r (w + 2r) + r more zeros at both ends. On that flat layout a shift by d = (dy, dx) is a fixed
-    offset, so the shifted copy of every padded position is the column range [off_d, off_d + L) of one
-    matrix: a view a GEMM reads in place (unfold would write k*k copies). On the padding ring the view
-    reads the neighbouring row, but every matrix it meets there (V, and dL/dV) is zero on the ring.
-    """
+
+class _Grid:
+    """The zero-padded grid of the linear form, channels-last: the (h, w) map padded by r = k // 2 to
+    (h + 2r) x (w + 2r) = L positions, flattened row-major, with `margin` = r (w + 2r) + r more zero rows at
+    both ends. A shift by d = (dy, dx) is then the fixed row offset offsets[d] (in unfold's (ky, kx) order), so
+    `shifted` is a view. On the padding ring the view reads the neighbouring row, but what it meets there (V,
+    dL/dV) is zero."""
 
     def __init__(self, size, k):
-        (h, w), self.r = size, k // 2
-        self.padded = (h + 2 * self.r, w + 2 * self.r)
-        self.length = self.padded[0] * self.padded[1]
-        self.margin = self.r * self.padded[1] + self.r
-        self.extended = self.length + 2 * self.margin                     # pad(x, margin)'s length
-        self.offsets = [self.margin + dy * self.padded[1] + dx              # d in unfold's (ky, kx) order
-                        for dy in range(-self.r, self.r + 1) for dx in range(-self.r, self.r + 1)]
-        self.center = len(self.offsets) // 2                               # d = (0, 0); d and k*k - 1 - d mirror
+        self.size, self.r = tuple(size), k // 2
+        self.padded = (size[0] + 2 * self.r, size[1] + 2 * self.r)
+        self.length, self.margin = self.padded[0] * self.padded[1], self.r * self.padded[1] + self.r
+        self.offsets = [self.margin + dy * self.padded[1] + dx for dy in range(-self.r, self.r + 1)
+                        for dx in range(-self.r, self.r + 1)]
+        self.center = len(self.offsets) // 2                          # d = (0, 0)
 
-    def pad(self, x, margin=0):
-        """(N, h, w) -> (N, L + 2 margin): the zero ring, flattened, `margin` zeros at both ends."""
-        return F.pad(F.pad(x, (self.r,) * 4).flatten(1), (margin, margin))
-
-    def shifted(self, ext, d):
-        """(N, L) view of ext = pad(x, self.margin): position q of the padded grid holds x(q + d)."""
-        return ext[:, self.offsets[d]:self.offsets[d] + self.length]
-
-    def window(self, ext, d):
-        """(..., h, w) view of ext = pad(x, self.margin) (..., L + 2 margin): at (y, x) it holds x((y, x) + d)."""
-        return self.interior(ext[..., self.offsets[d]:self.offsets[d] + self.length])
+    def place(self, x, margin=0):
+        """(B, HW, N) -> (B, L + 2 margin, N): x on the padded grid, zeros around."""
+        out = x.new_zeros(x.shape[0], self.length + 2 * margin, x.shape[2])
+        self.interior(out[:, margin:margin + self.length]).copy_(x.unflatten(1, self.size))
+        return out
 
     def interior(self, flat):
-        """(..., L) on the padded grid -> (..., h, w) view: the map without its ring."""
+        """(B, L, N) on the padded grid -> (B, h, w, N) view without the ring."""
         (ph, pw), r = self.padded, self.r
-        return flat.unflatten(-1, (ph, pw))[..., r:ph - r, r:pw - r]
+        return flat.unflatten(1, (ph, pw))[:, r:ph - r, r:pw - r]
+
+    def shifted(self, ext, d):
+        """(B, L, N) view of ext = place(x, margin): at padded position q it holds x(q + d)."""
+        return ext[:, self.offsets[d]:self.offsets[d] + self.length]
 
 
-def _add_product(out, a, b):
-    """out += a @ b. Low-precision operands (autocast) multiply in their dtype and add into out's float32,
-    so the k*k partial products are rounded once, as one big GEMM's would be."""
+def _accumulate(out, a, b):
+    """out += a @ b (batched). Low-precision operands (autocast) multiply in their dtype and add into out's
+    float32, so the k*k partial products are rounded once, as one big GEMM's would be."""
     if a.dtype != out.dtype:
         out.add_(a @ b)
-    elif out.dim() == 2:
-        out.addmm_(a, b)
     else:
         out.baddbmm_(a, b)
 
 
-def _autocast_state(device):
-    """(device type, autocast on, its dtype) at a custom Function's forward, which its backward re-enters.
-    A device without autocast (e.g. 'meta', for shape-only FLOP counts) has it off."""
+def _autocast_dtype(device):
+    """The autocast dtype on `device` (a type string) at a custom Function's forward, None where autocast is
+    off or the device has none (e.g. 'meta', for shape-only FLOP counts); backward re-enters that state."""
     on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    return device, on, torch.get_autocast_dtype(device) if on else None
+    return torch.get_autocast_dtype(device) if on else None
 
 
-def _without_autocast(state, fn, *args):
-    """fn(*args) with autocast off: the Functions choose their GEMMs' dtypes themselves (`_compute_dtypes`)."""
-    if not state[1]:
-        return fn(*args)
-    with torch.autocast(state[0], enabled=False):
-        return fn(*args)
-
-
-def _compute_dtypes(autocast, dtype):
-    """(dtype of the GEMMs, dtype of the sums): the autocast dtype if autocast is on, and float32 sums."""
-    _, enabled, low = autocast
-    gemm = low if enabled else dtype
-    return gemm, torch.promote_types(gemm, torch.float32)
-
-
-# bytes of one block of dense CTAL's affinity rows (B, T, rows, ~HW): on a CPU small enough to stay in the
-# last-level cache through the k*k passes of the fusion (at 72x96, batch 2, 64-128 rows per image ran fastest on
-# a 2-core EPYC with 32 MB of L3); on other devices (GPUs) big, so that the blocks are few kernel launches
-DENSE_BLOCK_BYTES = {"cpu": 16 * 2**20}
-
-
-class DenseDiffusion(torch.autograd.Function):
-    """D of the literal algorithm, D_t[:, p] = sum_q V_t[:, q] G_t[p, q], computed block by block of query
-    rows P: A_t[P, :] = f̂_t(P)^T f̂_t (a GEMM), G[P, :] = the grouped conv of those rows, written as what it
-    is, a per-row weighted sum of the k*k shifted affinity maps (`_AffinityBlocks.fusion`), then
-    D[:, P] = V G[P, :]^T (a GEMM). f_hat, v: (B, T, C, HW); weight (HW*m, T, k, k); bias (HW*m,).
-
-    The numbers are the grouped conv's; the cost is not. PyTorch's CPU backward of a conv with thousands of
-    groups runs far below GEMM speed, and the (T*HW, h, w) interleaved tensor and its gradient are copies
-    of every affinity. A block of rows small enough to stay in the CPU's cache (`DENSE_BLOCK_BYTES`) avoids
-    both, and keeps memory O(rows * T * HW): backward recomputes each block's A and G (one GEMM more
-    than saving them) instead of keeping T HW x HW matrices. Autocast is handled as in `LinearDiffusion`.
-    """
-
-    @staticmethod
-    def forward(ctx, f_hat, v, weight, bias, size):
-        ctx.autocast, ctx.size = _autocast_state(f_hat.device.type), size
-        ctx.save_for_backward(f_hat, v, weight, bias)
-        return _without_autocast(ctx.autocast, _dense_forward, f_hat, v, weight, bias, size, ctx.autocast)
-
-    @staticmethod
-    def backward(ctx, grad_d):
-        f_hat, v, weight, bias = ctx.saved_tensors
-        grads = _without_autocast(ctx.autocast, _dense_backward, grad_d.reshape(v.shape), f_hat, v, weight, bias,
-                                  ctx.size, ctx.autocast)
-        return tuple(g.reshape(x.shape).to(x.dtype) for g, x in zip(grads, (f_hat, v, weight, bias))) + (None,)
-
-
-def _dense_operands(f_hat, v, weight, bias, size, autocast):
-    """The affinity blocks of f̂, V, and the grouped conv's parameters per query position p, w (HW, m, T, k*k)
-    and b (HW, m), in the GEMM dtype; and the dtype sums are kept in."""
-    gemm, acc = _compute_dtypes(autocast, f_hat.dtype)
-    hw, k = f_hat.shape[-1], weight.shape[-1]
-    w, b = _per_position(weight.to(gemm), hw), bias.to(gemm).view(hw, -1)
-    return _AffinityBlocks(f_hat.to(gemm), size, k), v.to(gemm), w, b, acc
-
-
-class _AffinityBlocks:
-    """The affinity rows A_t[P, :] and fused rows G[P, :] of a batch, for blocks P of query positions, in
-    buffers reused from block to block (a fresh large tensor per block costs page faults). A is kept on the
-    zero-padded flat layout of `_Shifts`, so that A_t[p, q + d] for every interior q is a strided view."""
-
-    def __init__(self, f_hat, size, k):
-        B, T, C, hw = f_hat.shape
-        self.f_hat, self.shifts, self.size = f_hat, _Shifts(size, k), size
-        block_bytes = DENSE_BLOCK_BYTES.get(f_hat.device.type, 2**30)
-        rows = max(1, min(hw, block_bytes // (B * T * self.shifts.extended * f_hat.element_size())))
-        self.blocks = [slice(p, min(p + rows, hw)) for p in range(0, hw, rows)]
-        self._a = f_hat.new_empty(B * T * rows * hw)
-        self._a_ext = f_hat.new_zeros(B, T, rows, self.shifts.extended)   # the ring and margins stay zero
-
-    def affinity(self, rows):
-        """A_t[P, :] for P = rows (a slice), (B, T, n, L + 2 margin) on the padded layout."""
-        B, T, _, hw = self.f_hat.shape
-        n = rows.stop - rows.start
-        a = torch.matmul(self.f_hat[..., rows].transpose(2, 3), self.f_hat,
-                         out=self._a[:B * T * n * hw].view(B, T, n, hw))
-        a_ext = self._a_ext[:, :, :n]
-        self.shifts.window(a_ext, self.shifts.center).copy_(a.view(B, T, n, *self.size))
-        return a_ext
-
-    def fusion(self, rows, w, b, acc):
-        """(G[P, :] (B, m, n, HW) in dtype acc, A_t[P, :] on the padded layout): the grouped conv of rows P,
-        G[p, q] = b[p] + sum_{t,d} w[p, t, d] A_t[p, q + d]; w (n, m, T, k*k), b (n, m) of those rows."""
-        a_ext = self.affinity(rows)
-        n, m, T, kk = w.shape
-        g = b.t().to(acc)[None, :, :, None, None].repeat(a_ext.shape[0], 1, 1, *self.size)   # (B, m, n, h, w)
-        for j in range(m):
-            for t in range(T):
-                for d in range(kk):
-                    g[:, j].addcmul_(self.shifts.window(a_ext[:, t], d), w[:, j, t, d, None, None])
-        return g.flatten(3), a_ext
-
-
-def _dense_forward(f_hat, v, weight, bias, size, autocast):
-    """D (B, T, C, HW) of the literal algorithm, block by block of query rows; f_hat, v (B, T, C, HW)."""
-    blocks, v, w, b, acc = _dense_operands(f_hat, v, weight, bias, size, autocast)
-    B, T, C, hw = v.shape
-    m = w.shape[1]
-    v_m = v.reshape(B, m, -1, hw)                                     # (B, m, T*C/m, HW): the V_t each G serves
-    d_rows = v.new_empty(B, hw, m, T * C // m, dtype=acc)             # D^T
-    for rows in blocks.blocks:
-        g, _ = blocks.fusion(rows, w[rows], b[rows], acc)
-        d_rows[:, rows] = (g.to(v.dtype) @ v_m.transpose(2, 3)).transpose(1, 2)   # D[:, P]^T = G[P] V^T
-    return d_rows.view(B, hw, T * C).transpose(1, 2).reshape(B, T, C, hw)
-
-
-def _dense_backward(grad_d, f_hat, v, weight, bias, size, autocast):
-    """Gradients of D w.r.t. f̂, V (B, T, C, HW), w (HW, m, T, k*k) and b (HW, m). Per block of rows:
-    dG[P] = dD[:, P]^T V, then dA_t[p, q'] = sum_d w[p, t, d] dG[p, q' - d] (the fusion's transpose: the same
-    shifted views, mirrored) and, as A_t = f̂_t^T f̂_t, df̂_t += f̂_t dA^T (rows P) + f̂_t(P) dA."""
-    blocks, v, w, b, acc = _dense_operands(f_hat, v, weight, bias, size, autocast)
-    f_hat, grad_d, shifts, n_max = blocks.f_hat, grad_d.to(v.dtype), blocks.shifts, blocks.blocks[0].stop
-    B, T, C, hw = f_hat.shape
-    m, kk = w.shape[1], w.shape[-1]
-    v_m, grad_m = v.reshape(B * m, -1, hw), grad_d.reshape(B * m, -1, hw)
-    grad_f, grad_v = torch.zeros_like(f_hat, dtype=acc), torch.zeros_like(v_m, dtype=acc)
-    grad_w, grad_b = torch.empty_like(w, dtype=acc), torch.empty_like(b, dtype=acc)
-    dg_ext = f_hat.new_zeros(B, m, n_max, shifts.extended)             # dG on the padded layout, zero ring
-    da_buf = f_hat.new_empty(B * T * n_max * hw, dtype=acc)
-    for rows in blocks.blocks:
-        n = rows.stop - rows.start
-        g, a_ext = blocks.fusion(rows, w[rows], b[rows], acc)
-        grad_rows = grad_m[..., rows]                                 # (B*m, T*C/m, n): dD[:, P]
-        dg = (grad_rows.transpose(1, 2) @ v_m).view(B, m, n, hw)      # dL/dG[P]
-        _add_product(grad_v, grad_rows, g.to(v.dtype).flatten(0, 1))   # D[:, P] = V G[P]^T
-        grad_b[rows] = dg.sum((0, 3), dtype=acc).t()
-        shifts.window(dg_ext[:, :, :n], shifts.center).copy_(dg.view(B, m, n, *size))
-        da = da_buf[:B * T * n * hw].view(B, T, n, *size).zero_()
-        for j in range(m):
-            dg_j = dg[:, j].view(B, n, *size)
-            for t in range(T):
-                for d in range(kk):                                   # G[p, q] += w[p, t, d] A_t[p, q + d]
-                    grad_w[rows, j, t, d] = (dg_j * shifts.window(a_ext[:, t], d)).sum((0, 2, 3), dtype=acc)
-                    da[:, t].addcmul_(shifts.window(dg_ext[:, j, :n], kk - 1 - d), w[rows, j, t, d, None, None])
-        da = da.view(B, T, n, hw).to(f_hat.dtype)
-        grad_f[..., rows] += f_hat @ da.transpose(2, 3)               # A_t[P, :] = f̂_t(P)^T f̂_t: both factors
-        _add_product(grad_f.flatten(0, 1), f_hat[..., rows].flatten(0, 1), da.flatten(0, 1))
-    return grad_f, grad_v, grad_w, grad_b
-
-
-def _per_position(weight, hw):
-    """The grouped conv's weight (HW*m, T, k, k) per query position p: (HW, m, T, k*k), entry [p, j, n, d] the
-    weight of source task n at kernel offset d in fused map j (of m)."""
-    return weight.view(hw, weight.shape[0] // hw, weight.shape[1], -1)
-
-
-def _offset_weights(weight, hw, d):
-    """w_t[p, n, d] for one kernel offset d, (m, T, 1, HW), from the grouped conv's weight (HW*m, T, k, k)."""
-    return _per_position(weight, hw)[..., d].permute(1, 2, 0)[:, :, None]
+def _autocast_off(device, dtype):
+    """The Functions choose their GEMMs' dtypes themselves: autocast off inside them where it was on."""
+    return torch.autocast(device, enabled=False) if dtype is not None else contextlib.nullcontext()
 
 
 class LinearDiffusion(torch.autograd.Function):
-    """D of `DenseDiffusion` without any HW x HW tensor: per kernel offset d (S_d = the maps shifted by d, Z_d the
-    weighted queries Z_d[(n, c), p] = w_t[p, n, d] f̂_n(p)[c]),
+    """D of `dense_diffusion` without any HW x HW tensor: per kernel offset d (S_d = the maps shifted by d,
+    Z_d[(n, c), p] = w_t[p, n, d] f̂_n(p)[c] the weighted queries)
 
         K_d = V S_d^T   (T*C x T*C),     D = sum_d K_d Z_d + outer(sum_q V, b)
 
-    which is K = V U^T, D = K Z of the module docstring with the (n, c, d) rows taken d by d: no
-    (T*C*k^2, HW) tensor is ever formed, S_d is a view (`_Shifts`) and Z_d has the size of f̂. Forward
-    saves f̂, V, the K_d (tiny) and the parameters. Images are processed one at a time (each GEMM is
-    already T*C x T*C x HW). Under autocast the GEMMs run in the autocast dtype and their sums in float32;
-    backward re-enters the same state, on whichever device the inputs live (what torch.amp.custom_bwd
-    does for one device type).
-    """
+    in channels-last layout (positions as rows, so that a shift is a block of whole rows) and as one GEMM over
+    all images per product and offset: K_d = V_padᵀ S_d is (B, TC x L) @ (B, L x TC), Dᵀ += Z_dᵀ K_dᵀ is
+    (B, HW x TC) @ (B, TC x TC), and the backward's four products have these shapes. Forward saves f̂ and V on
+    the padded grid and the K_d (tiny); backward recomputes Z_d. Under autocast the GEMMs run in its dtype and
+    their sums in float32; backward re-enters the same state (what torch.amp.custom_bwd does for one device
+    type). f_hat, v: (B, T, C, HW); weight (HW*m, T, k, k), bias (HW*m,)."""
 
     @staticmethod
     def forward(ctx, f_hat, v, weight, bias, size):
-        ctx.autocast, ctx.size = _autocast_state(f_hat.device.type), size
-        d, kmats = _without_autocast(ctx.autocast, LinearDiffusion.batch_forward, f_hat, v, weight, bias, size,
-                                     ctx.autocast)
-        ctx.save_for_backward(f_hat, v, weight, bias, kmats)
-        return d                                                      # (B, T, C, HW)
+        ctx.device, ctx.size, ctx.dtypes = f_hat.device.type, size, (f_hat.dtype, v.dtype)
+        ctx.autocast = _autocast_dtype(ctx.device)
+        with _autocast_off(ctx.device, ctx.autocast):
+            d, saved = _linear_forward(f_hat, v, weight, bias, size, ctx.autocast or f_hat.dtype)
+        ctx.save_for_backward(weight, bias, *saved)
+        return d
 
     @staticmethod
     def backward(ctx, grad_d):
-        f_hat, v, weight, bias, kmats = ctx.saved_tensors
-        grads = _without_autocast(ctx.autocast, LinearDiffusion.batch_backward, grad_d.reshape(v.shape), f_hat, v,
-                                  weight, bias, kmats, ctx.size, ctx.autocast)
-        return tuple(g.to(x.dtype) for g, x in zip(grads, (f_hat, v, weight, bias))) + (None,)
-
-    @staticmethod
-    def batch_forward(f_hat, v, weight, bias, size, autocast):
-        gemm, acc = _compute_dtypes(autocast, f_hat.dtype)
-        b = bias.view(f_hat.shape[-1], -1).t()[:, None]               # (m, 1, HW): b_t[p]
-        kmats, outs = [], []
-        for f_i, v_i in zip(f_hat.to(gemm), v.to(gemm)):              # one image: (T, C, HW)
-            kmat, d = _linear_forward(f_i, v_i, weight.to(gemm), size, acc)
-            kmats.append(kmat)
-            outs.append(d)
-        return torch.stack(outs) + v.sum(3, keepdim=True) * b, torch.stack(kmats)   # + b_t[p] sum_q V_t[:, q]
-
-    @staticmethod
-    def batch_backward(grad_d, f_hat, v, weight, bias, kmats, size, autocast):
-        gemm, acc = _compute_dtypes(autocast, f_hat.dtype)
-        grads = [_linear_backward(g.to(gemm), f.to(gemm), vi.to(gemm), weight.to(gemm), kmat, size, acc)
-                 for g, f, vi, kmat in zip(grad_d, f_hat, v, kmats)]
-        grad_f = torch.stack([g[0] for g in grads])
-        grad_w = sum(g[2] for g in grads)
-        # the bias term b_t[p] * sum_q V_t[:, q]
-        b = bias.view(f_hat.shape[-1], -1).t()[:, None]               # (m, 1, HW)
-        grad_v = torch.stack([g[1] for g in grads]) + (grad_d * b).sum(3, keepdim=True)
-        grad_b = torch.einsum("btcp,btc->tp", grad_d.to(acc), v.sum(3).to(acc))       # (T, HW)
-        grad_b = grad_b if b.shape[0] > 1 else grad_b.sum(0, keepdim=True)           # (m, HW)
-        return grad_f, grad_v, grad_w, grad_b.t().reshape(bias.shape)
+        weight, bias, *saved = ctx.saved_tensors
+        with _autocast_off(ctx.device, ctx.autocast):
+            grads = _linear_backward(grad_d, weight, bias, *saved, ctx.size)
+        dtypes = ctx.dtypes + (weight.dtype, bias.dtype)
+        return tuple(g.to(dtype) for g, dtype in zip(grads, dtypes)) + (None,)
 
 
-def _padded_maps(f_hat, v, size, k):
-    """The `_Shifts` of one image's maps, f̂ on its extended layout (TC, L + 2 margin) and V zero-padded (TC, L):
-    the operands of K_d = V S_d^T, S_d = shifts.shifted(f̂_ext, d)."""
-    T, C, _ = f_hat.shape
-    shifts = _Shifts(size, k)
-    return shifts, shifts.pad(f_hat.reshape(T * C, *size), shifts.margin), shifts.pad(v.reshape(T * C, *size))
+def _offset_weights(weight, hw, d):
+    """w_t[p, n, d] for one offset d, (1, m, HW, T, 1): from the grouped conv's weight (HW*m, T, k, k)."""
+    w = weight.view(hw, weight.shape[0] // hw, weight.shape[1], -1)[..., d]      # (HW, m, T)
+    return w.permute(1, 0, 2)[None, ..., None]
 
 
-def _linear_forward(f_hat, v, weight, size, acc):
-    """The K_d = V S_d^T (k*k, T*C, T*C) and D = sum_d K_d Z_d (T, C, HW) of one image (no bias term).
-    f_hat, v: (T, C, HW); `acc` the dtype D is summed in."""
-    T, C, hw = f_hat.shape
-    m = weight.shape[0] // hw
-    shifts, f_ext, v_pad = _padded_maps(f_hat, v, size, weight.shape[-1])
-    kmats = torch.stack([v_pad @ shifts.shifted(f_ext, d).t() for d in range(len(shifts.offsets))])
-    d_out = f_hat.new_zeros(m, T * C // m, hw, dtype=acc)             # D_t = sum_d K_d,t Z_d,t (m = T) or D
-    for d, kmat in enumerate(kmats):
-        z = (f_hat * _offset_weights(weight, hw, d)).reshape(m, T * C, hw)        # Z_d: (m, TC, HW)
-        _add_product(d_out, kmat.view(m, -1, T * C), z)
-    return kmats, d_out.view(T, C, hw)
+def _weighted(f_t, w_d):
+    """Z_dᵀ (B*m, HW, TC) from f̂ᵀ (B, HW, TC) and one offset's weights (1, m, HW, T, 1)."""
+    B, hw, tc = f_t.shape
+    return (f_t.view(B, 1, hw, w_d.shape[3], -1) * w_d).reshape(-1, hw, tc)
 
 
-def _linear_backward(grad_d, f_hat, v, weight, kmats, size, acc):
-    """Gradients of one image's D = sum_d K_d Z_d, K_d = V S_d^T w.r.t. f̂, V and the fusion weight;
-    grad_d, f_hat, v: (T, C, HW). Every temporary has the size of f̂ (Z_d, dL/dZ_d) or of K_d."""
-    T, C, hw = f_hat.shape
-    m, k = weight.shape[0] // hw, weight.shape[-1]
-    shifts, f_ext, v_pad = _padded_maps(f_hat, v, size, k)
-    grad_f_ext = torch.zeros_like(f_ext, dtype=acc)                   # dL/d(padded f̂), all offsets
+def _linear_forward(f_hat, v, weight, bias, size, gemm):
+    """Dᵀ = sum_d Z_dᵀ K_dᵀ per image and fused map, then D + the bias term (B, T, C, HW); what backward needs."""
+    B, T, C, hw = f_hat.shape
+    acc, grid, m = torch.promote_types(gemm, torch.float32), _Grid(size, weight.shape[-1]), weight.shape[0] // hw
+    f_t = f_hat.to(gemm).flatten(1, 2).transpose(1, 2).contiguous()    # (B, HW, TC): f̂ channels-last
+    f_ext = grid.place(f_t, grid.margin)                               # (B, L + 2 margin, TC)
+    v_pad = grid.place(v.to(gemm).flatten(1, 2).transpose(1, 2))       # (B, L, TC)
+    w = weight.to(gemm)
+    kmats = torch.stack([v_pad.transpose(1, 2) @ grid.shifted(f_ext, d) for d in range(len(grid.offsets))], 1)
+    d_t = f_t.new_zeros(B * m, hw, T * C // m, dtype=acc)              # Dᵀ of each fused map j
+    for d in range(len(grid.offsets)):
+        _accumulate(d_t, _weighted(f_t, _offset_weights(w, hw, d)), kmats[:, d].reshape(B * m, -1, T * C).mT)
+    d_out = d_t.view(B, m, hw, -1).transpose(2, 3).reshape(B, T, C, hw)
+    v_sum = v.sum(3, keepdim=True).to(acc)                             # (B, T, C, 1): sum_q V_t[:, q]
+    return d_out + v_sum * bias.to(acc).view(hw, m).t()[:, None], (f_ext, v_pad, kmats, v_sum)
+
+
+def _linear_backward(grad_d, weight, bias, f_ext, v_pad, kmats, v_sum, size):
+    """Gradients of D = sum_d K_d Z_d + outer(sum_q V, b), K_d = V_padᵀ S_d, w.r.t. f̂, V, the weight and the
+    bias (B, T, C, HW), (HW*m, T, k, k), (HW*m,). Every temporary has the size of f̂ (Z_d, dL/dZ_d) or of K_d."""
+    B, T, C, hw = grad_d.shape
+    gemm, acc = f_ext.dtype, v_sum.dtype
+    grid, m, kk = _Grid(size, weight.shape[-1]), weight.shape[0] // hw, kmats.shape[1]
+    f_t = grid.interior(grid.shifted(f_ext, grid.center)).reshape(B, hw, T * C)       # (B, HW, TC)
+    g_t = grad_d.to(gemm).view(B, m, -1, hw).transpose(2, 3).reshape(B * m, hw, -1)   # dL/dDᵀ (B*m, HW, TC/m)
+    w = weight.to(gemm)
+    grad_f = f_t.new_zeros(B, hw, T * C, dtype=acc)                    # through Z
+    grad_f_ext = torch.zeros_like(f_ext, dtype=acc)                    # through K_d, every offset
     grad_v_pad = torch.zeros_like(v_pad, dtype=acc)
-    grad_f = torch.zeros_like(f_hat, dtype=acc)                       # through Z
-    grad_w = f_hat.new_empty(k * k, m, T, hw, dtype=acc)
-    g = grad_d.reshape(m, -1, hw)                                     # (m, TC/m, HW)
-    for d, kmat in enumerate(kmats):
-        w_d = _offset_weights(weight, hw, d)                          # (m, T, 1, HW)
-        z = (f_hat * w_d).reshape(m, T * C, hw)                       # Z_d, recomputed
-        grad_k = (g @ z.transpose(1, 2)).reshape(T * C, T * C)        # dL/dK_d
-        grad_z = (kmat.view(m, -1, T * C).transpose(1, 2) @ g).view(m, T, C, hw)     # dL/dZ_d
-        grad_f += (grad_z * w_d).sum(0)                               # through Z_d = w_d f̂
-        grad_w[d] = (grad_z * f_hat).sum(2)                           # (m, T, HW)
-        _add_product(grad_v_pad, grad_k, shifts.shifted(f_ext, d))    # through K_d = V S_d^T
-        _add_product(shifts.shifted(grad_f_ext, d), grad_k.t(), v_pad)
-    grad_f += shifts.window(grad_f_ext, shifts.center).reshape(T, C, hw)
-    grad_v = shifts.interior(grad_v_pad).reshape(T, C, hw)
-    return grad_f, grad_v, grad_w.permute(3, 1, 2, 0).reshape(weight.shape)
-
-
-def fusion_parameter_counts(num_tasks, size, kernel_size=3, fusion="shared"):
-    """(grouped-conv weights, biases, weights of a standard conv over the joint affinity tensor M).
-
-    The papers' example, NYUv2 at 1/4 (72 x 96), T = 3, k = 3: 186,624 + 6,912 (their "187K")
-    against 6,912*3 * 6,912 * 9 ~ 1.29 B for a dense Conv2d(T*HW, HW, k).
-    """
-    hw = size[0] * size[1]
-    m = num_tasks if fusion == "task" else 1
-    grouped = hw * m * num_tasks * kernel_size ** 2
-    standard = (num_tasks * hw) * (hw * m) * kernel_size ** 2
-    return grouped, hw * m, standard
-
-
-if __name__ == "__main__":
-    # smoke check: both implementations agree on a small example
-    torch.manual_seed(0)
-    ctal = CTAL(3, 16, (6, 8), impl="dense").double()
-    feats = [torch.randn(2, 16, 6, 8, dtype=torch.float64) for _ in range(3)]
-    with torch.no_grad():
-        dense = ctal(feats)
-        ctal.impl = "linear"
-        linear = ctal(feats)
-    err = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(dense, linear))
-    print(f"max relative difference dense vs linear: {err:.2e}")
-    print("fusion parameters at 72x96, T=3, k=3: %d weights + %d biases; standard conv: %.3g"
-          % fusion_parameter_counts(3, (72, 96)))
+    grad_w = f_t.new_empty(kk, m, hw, T, dtype=acc)
+    for d in range(kk):
+        w_d = _offset_weights(w, hw, d)                                # (1, m, HW, T, 1)
+        grad_k = (g_t.mT @ _weighted(f_t, w_d)).view(B, T * C, T * C)  # dL/dK_d
+        grad_z = (g_t @ kmats[:, d].reshape(B * m, -1, T * C)).view(B, m, hw, T, C)    # dL/dZ_dᵀ
+        for j in range(m):                                             # through Z_d = w_d f̂, in place
+            grad_f.view(B, hw, T, C).addcmul_(grad_z[:, j], w_d[:, j])
+        grad_w[d] = (grad_z * f_t.view(B, 1, hw, T, C)).sum((0, 4))
+        _accumulate(grad_v_pad, grid.shifted(f_ext, d), grad_k.mT)    # K_d = V_padᵀ S_d: both factors
+        grid.shifted(grad_f_ext, d).add_(v_pad @ grad_k)
+    grad_f += grid.interior(grid.shifted(grad_f_ext, grid.center)).reshape(B, hw, T * C)
+    b = bias.to(acc).view(hw, m).t()[:, None]                          # (m, 1, HW): b_t[p]
+    grad_v = grid.interior(grad_v_pad).reshape(B, hw, T * C).transpose(1, 2).reshape(B, T, C, hw)
+    grad_v = grad_v + (grad_d.to(acc) * b).sum(3, keepdim=True)
+    grad_b = torch.einsum("btcp,btc->tp", grad_d.to(acc), v_sum[..., 0]).view(m, -1, hw).sum(1)   # (m, HW)
+    return (grad_f.transpose(1, 2).reshape(B, T, C, hw), grad_v, grad_w.permute(2, 1, 3, 0).reshape(weight.shape),
+            grad_b.t().reshape(bias.shape))

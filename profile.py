@@ -7,7 +7,7 @@
 Model table (default): for each model, built by model.build_model with random weights,
   params      count, and relative to STL (the papers' "Rel Param.")
   GFLOP/img   forward FLOPs of one image, counted with torch.utils.flop_counter.FlopCounterMode (GEMMs and
-              convs), plus dense CTAL's fusion, which runs as elementwise products (`dense_fusion_flops`)
+              convs: dense CTAL's grouped conv too)
   GMAC@8      the same in the papers' convention: multiply-accumulates for a batch of 8 (read it against
               their FLOPs column; CTAL's figure depends on --ctal-impl, the papers' is the dense form)
   val time    seconds to run the whole validation split (NYUv2 654 images) at --batch, extrapolated from
@@ -21,10 +21,12 @@ PAP-Net is printed twice: with one propagation iteration (the authors' code defa
 which is what the papers' 521 G matches.
 
 CTAL micro-benchmark (--module ctal): dense vs linear forward+backward at NYUv2 shapes (288x384 input, so
-72x96 at 1/4, 48x64 at 1/6, 36x48 at 1/8; C = 128, T = 3): time, FLOPs as executed (FlopCounterMode's count
-of the GEMMs: dense's backward recomputes its affinity blocks, and its elementwise fusion is not counted),
-the rate as a fraction of a GEMM rate measured in the same run, peak memory and the ratios; with --fit-gb
-the largest batch each implementation fits in that memory at 1/4 and 1/2 scale.
+72x96 at 1/4, 48x64 at 1/6, 36x48 at 1/8; C = 128, T = 3; --img-size 96x128: the synthetic set's): the best of --iters
+steps, FLOPs as executed (FlopCounterMode: GEMMs and convs; the linear form's padding ring included), the rate
+as a fraction of the fp32 GEMM rate measured in the same process between the steps (the linear form's rate
+counts the work of its unfold form, `unfold_form_flops`, not its padding), peak memory, the ratios, the cost
+per FLOP they imply against ctal.DENSE_COST_PER_FLOP, and what impl='auto' picks; with --fit-gb the largest
+batch each implementation fits in that memory at 1/4 and 1/2 scale.
 """
 import importlib.util
 import os
@@ -46,6 +48,7 @@ run, runctx, Profile, _Utils = _reexport_stdlib_profile()
 import argparse  # noqa: E402  (after the re-export, so cProfile works even mid-import)
 import json  # noqa: E402
 import math  # noqa: E402
+import operator  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -54,7 +57,7 @@ from fractions import Fraction  # noqa: E402
 
 import torch  # noqa: E402
 
-from ctal import CTAL, choose_impl  # noqa: E402
+from ctal import CTAL, DENSE_COST_PER_FLOP, choose_impl, core_flops  # noqa: E402
 from data import DATASETS  # noqa: E402
 
 # model.py is imported inside the functions that use it: it pulls in torchvision,
@@ -127,23 +130,28 @@ def scaled_size(size, scale):
 
 
 def flop_counter():
-    """FlopCounterMode with the in-place GEMMs (addmm_, baddbmm_: both CTAL forms sum their block or
-    per-offset products with them) counted like their out-of-place forms, the only ones it knows."""
+    """FlopCounterMode with the in-place GEMMs (addmm_, baddbmm_: the linear CTAL sums its per-offset products
+    with them) counted like their out-of-place forms, the only ones it knows, and a conv backward that counts
+    `groups` (its own formula does not: dense CTAL's grouped conv, one group per position, came out HW times
+    too large)."""
     from torch.utils.flop_counter import FlopCounterMode
     return FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten.addmm_: _inplace_gemm_flop, torch.ops.aten.baddbmm_: _inplace_gemm_flop})
-
-
-def dense_fusion_flops(model, device):
-    """Forward FLOPs of one image that FlopCounterMode cannot see: dense CTAL's fusion (the grouped conv, computed
-    as a weighted sum of shifted affinity rows: 2 m T k^2 HW^2), part of the papers' count."""
-    return sum(2 * m.m * m.num_tasks * m.kernel_size ** 2 * (m.size[0] * m.size[1]) ** 2 for m in model.modules()
-               if isinstance(m, CTAL) and m.impl_for(device) == "dense")
+        torch.ops.aten.addmm_: _inplace_gemm_flop, torch.ops.aten.baddbmm_: _inplace_gemm_flop,
+        torch.ops.aten.convolution_backward: _conv_backward_flop})
 
 
 def _inplace_gemm_flop(self_shape, a_shape, b_shape, *args, **kwargs):
     """out += a @ b with a (..., m, k), b (..., k, n): 2 m k n per matrix of the batch."""
     return 2 * math.prod(a_shape) * b_shape[-1]
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, *args, **kwargs):
+    """Each gradient of a conv (input, weight) costs what its forward does: 2 x the multiply-adds of the
+    positions the kernel visits (the output's, or a transposed conv's input's) x prod(w_shape[1:]), which
+    already holds C_in / groups (C_out / groups transposed)."""
+    forward = 2 * math.prod(x_shape if transposed else grad_out_shape) * math.prod(w_shape[1:])
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def measure(step, device, iters, warmup=1):
@@ -251,7 +259,7 @@ def model_stats(name, dataset, img_size, scale, ctal_impl, pap_iters, batch, dev
     model.eval()
     with flop_counter() as counter, torch.no_grad():
         model(images[:1])
-    flops = counter.get_total_flops() + dense_fusion_flops(model, torch.device(device).type)   # forward, one image
+    flops = counter.get_total_flops()                                  # forward, one image
     return dict(params=params, flops_per_image=flops, seconds_per_batch=seconds, peak_bytes=peak)
 
 
@@ -340,7 +348,8 @@ def print_model_row(row, r, args, scale_key, header):
 # ------------------------------------------------------------------------------- CTAL micro-benchmark
 
 def ctal_step_stats(impl, size, batch, channels, tasks, device, iters):
-    """Time, FLOPs and peak memory of one CTAL forward+backward."""
+    """Peak memory of a first CTAL forward+backward, the best time of `iters` more, their FLOPs, and the GEMM
+    rate of this process measured before and after the steps (the best of both: the machine's rate then)."""
     torch.manual_seed(0)
     module = CTAL(tasks, channels, tuple(size), impl=impl).to(device)
     feats = [torch.randn(batch, channels, *size, device=device, requires_grad=True) for _ in range(tasks)]
@@ -349,45 +358,73 @@ def ctal_step_stats(impl, size, batch, channels, tasks, device, iters):
         out = module(feats)
         sum(o.float().square().mean() for o in out).backward()
 
-    seconds, peak = measure(step, device, iters)
+    before = gemm_stats(GEMM_SIZE, device, 3)
+    _, peak = measure(step, device, 1, warmup=0)
+    seconds = best_time(step, device, iters)
+    after = gemm_stats(GEMM_SIZE, device, 3)
     with flop_counter() as counter:
         step()
     return dict(impl=impl, size=list(size), batch=batch, seconds=seconds, peak_bytes=peak,
-                flops=counter.get_total_flops())
+                flops=counter.get_total_flops(), gemm_gflops=max(before['gflops'], after['gflops']))
+
+
+def best_time(step, device, iters):
+    """The shortest of `iters` timed calls of `step`, in seconds (on CUDA synchronised before and after)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    best = math.inf
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def unfold_form_flops(tasks, channels, size, batch, k=3):
+    """FLOPs of one forward+backward of the linear form as ctal.py's docstring writes it: K = V U^T and D = K Z,
+    two GEMMs of (TC) x (TC k^2) x HW forward and twice that backward, plus the projections' 3x3 convs (forward
+    and two backward): the work an exact O(HW) implementation does, whatever its padding."""
+    tc, hw = tasks * channels, size[0] * size[1]
+    return batch * (3 * 2 * 2 * tc * tc * k * k * hw + 3 * 2 * tasks * channels * channels * 9 * hw)
 
 
 def gemm_stats(n, device, iters):
-    """Achieved GFLOP/s of an fp32 (n x n) @ (n x n) matrix product: the machine's GEMM rate, measured in the
-    same run as the CTAL steps so that the two compare (2 n^3 FLOPs per product)."""
+    """Best achieved GFLOP/s of an fp32 (n x n) @ (n x n) matrix product over `iters`: the machine's GEMM rate
+    (2 n^3 FLOPs per product)."""
     torch.manual_seed(0)
     a, b = (torch.randn(n, n, device=device) for _ in range(2))
-    seconds, _ = measure(lambda: a @ b, device, iters)
+    a @ b
+    seconds = best_time(lambda: a @ b, device, iters)
     return dict(n=n, seconds=seconds, gflops=2 * n ** 3 / seconds / 1e9)
 
 
 def run_ctal_benchmark(args):
     device, T, C = args.device, args.tasks, args.channels
-    size = scaled_size(NYUV2_SIZE, args.scale)
-    print(f"CTAL forward+backward on {device}: input {NYUV2_SIZE[0]}x{NYUV2_SIZE[1]}, scale "
-          f"{args.scale} -> map {size[0]}x{size[1]} (HW = {size[0] * size[1]}), C={C}, T={T}, "
-          f"batch {args.batch}; auto picks {choose_impl(T, C, size, device=torch.device(device).type)!r}")
+    image = tuple(args.img_size or NYUV2_SIZE)
+    size = scaled_size(image, args.scale)
+    kind = torch.device(device).type
+    print(f"CTAL forward+backward on {device} ({torch.get_num_threads()} threads): input {image[0]}x{image[1]}, scale "
+          f"{args.scale} -> map {size[0]}x{size[1]} (HW = {size[0] * size[1]}), C={C}, T={T}, batch {args.batch}, best "
+          f"of {args.iters}; auto picks {choose_impl(T, C, size, device=kind)!r}")
     rows = {impl: run_measurement("ctal_step_stats", device, impl=impl, size=list(size), batch=args.batch,
                                   channels=C, tasks=T, iters=args.iters)
             for impl in ("dense", "linear")}
-    gemm = run_measurement("gemm_stats", device, n=GEMM_SIZE, iters=max(args.iters, 3))
-    print(f"GEMM rate: {gemm['gflops']:.1f} GFLOP/s (fp32 {GEMM_SIZE}x{GEMM_SIZE} @ {GEMM_SIZE}x{GEMM_SIZE}, "
-          f"{torch.get_num_threads()} threads)")
-    print(f"{'impl':8s} {'time/step':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'% GEMM':>7s} {'peak MB':>9s}")
+    rows["linear"]["work_flops"] = unfold_form_flops(T, C, size, args.batch)
+    print(f"{'impl':8s} {'time/step':>10s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'GEMM GFLOP/s':>13s} {'% GEMM':>7s} "
+          f"{'peak MB':>9s}")
     for impl, r in rows.items():
-        rate = r['flops'] / r['seconds'] / 1e9
-        r['gflops_per_s'], r['fraction_of_gemm'] = rate, rate / gemm['gflops']
-        print(f"{impl:8s} {r['seconds']:9.3f}s {r['flops'] / 1e9:11.1f} {rate:8.1f} "
-              f"{100 * r['fraction_of_gemm']:6.0f}% "
-              f"{r['peak_bytes'] / 2**20:9.0f}")
+        rate = r.get('work_flops', r['flops']) / r['seconds'] / 1e9
+        r['gflops_per_s'], r['fraction_of_gemm'] = rate, rate / r['gemm_gflops']
+        print(f"{impl:8s} {r['seconds']:9.3f}s {r['flops'] / 1e9:11.1f} {rate:8.1f} {r['gemm_gflops']:13.1f} "
+              f"{100 * r['fraction_of_gemm']:6.0f}% {r['peak_bytes'] / 2**20:9.0f}")
     d, l = rows["dense"], rows["linear"]
-    print(f"dense / linear: time {d['seconds'] / l['seconds']:.2f}x, FLOPs {d['flops'] / l['flops']:.2f}x, "
-          f"peak memory {d['peak_bytes'] / max(l['peak_bytes'], 1):.2f}x")
-    result = dict(rows=rows, gemm=gemm, auto=choose_impl(T, C, size, device=torch.device(device).type))
+    cost = DENSE_COST_PER_FLOP.get(kind, 1.0)
+    flop_ratio = operator.truediv(*core_flops(T, C, size))
+    print(f"dense / linear: time {d['seconds'] / l['seconds']:.2f}x, FLOPs {d['flops'] / l['flops']:.2f}x (auto's model: "
+          f"{flop_ratio:.2f}x, so a cost per FLOP of {d['seconds'] / l['seconds'] / flop_ratio:.2f}; "
+          f"ctal.DENSE_COST_PER_FLOP[{kind!r}] = {cost}), peak memory {d['peak_bytes'] / max(l['peak_bytes'], 1):.2f}x")
+    result = dict(rows=rows, auto=choose_impl(T, C, size, device=kind), flop_ratio=flop_ratio)
     if args.fit_gb:
         result["largest_batch"] = report_largest_batches(args)
     if args.json:
@@ -437,7 +474,8 @@ def main(argv=None):
                         choices=["cpu", "cuda"])
     parser.add_argument("--ctal-impl", choices=["auto", "dense", "linear"], default="auto")
     parser.add_argument("--train", action="store_true", help="also time a forward+backward training step")
-    parser.add_argument("--iters", type=positive_int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--iters", type=positive_int, default=2,
+                        help="timed steps after one warm-up step (the model table's mean, CTAL's best)")
     parser.add_argument("--img-size", type=parse_size, help="override the dataset's input size, e.g. 64x96")
     parser.add_argument("--val-images", type=positive_int, help="override the size of the validation split")
     parser.add_argument("--channels", type=positive_int, default=128, help="(--module ctal) feature channels C")

@@ -57,23 +57,25 @@ def test_ctal_benchmark_runs_and_reports_ratios(capsys):
     assert "dense / linear: time" in printed and "map 9x12" in printed
     dense, linear = result["rows"]["dense"], result["rows"]["linear"]
     T, C, hw, B = 3, 8, 9 * 12, 2
-    # forward+backward FLOPs by hand. Common: the projections, T 3x3 convs C -> C, forward + grad-input +
-    # grad-weight. Dense, per block of query rows: A = f^T f and V G^T forward; backward recomputes A, then dL/dG,
-    # dL/dV and the two products of dL/dA (its elementwise fusion is not a GEMM: not counted).
-    # Linear, per kernel offset: K_d = V S_d^T over the L = 11 x 14 positions of the zero-padded grid, and
-    # K_d Z_d over the HW positions, forward; backward dL/dV and dL/dS_d (over L), dL/dK_d and dL/dZ_d (HW).
+    # forward+backward FLOPs by hand: each product and conv forward, and twice it backward (both operands).
+    # Common: the projections, T 3x3 convs C -> C. Dense, the literal algorithm: A = f^T f and V G^T (2 T C HW^2
+    # each) and the grouped conv (2 T k^2 HW^2). Linear, per kernel offset: K_d = V S_d^T over the L = 11 x 14
+    # positions of the zero-padded grid and K_d Z_d over the HW positions.
     proj = 3 * T * 2 * B * C * C * 9 * hw
-    dense_core = 7 * B * 2 * T * C * hw * hw
+    dense_core = 3 * B * (2 * 2 * T * C + 2 * T * 9) * hw * hw
     assert dense["flops"] - proj == pytest.approx(dense_core, rel=1e-6)
     L = 11 * 14
     assert linear["flops"] - proj == pytest.approx(3 * B * 2 * T * C * T * C * 9 * (L + hw), rel=0.01)
-    # achieved rates beside a GEMM rate measured in the same run, and the auto choice for this device
-    assert result["gemm"]["gflops"] == pytest.approx(2 * 2048 ** 3 / result["gemm"]["seconds"] / 1e9)
-    for row in (dense, linear):
-        assert row["gflops_per_s"] == pytest.approx(row["flops"] / row["seconds"] / 1e9)
-        assert row["fraction_of_gemm"] == pytest.approx(row["gflops_per_s"] / result["gemm"]["gflops"])
-    assert "GEMM rate:" in printed and "% GEMM" in printed
+    # the linear form's rate counts its unfold form's work: (TC) x (TC k^2) x HW, two GEMMs, times 3
+    assert linear["work_flops"] == B * 3 * 2 * 2 * (T * C) ** 2 * 9 * hw + proj
+    assert linear["gflops_per_s"] == pytest.approx(linear["work_flops"] / linear["seconds"] / 1e9)
+    assert dense["gflops_per_s"] == pytest.approx(dense["flops"] / dense["seconds"] / 1e9)
+    for row in (dense, linear):      # beside the GEMM rate measured in the same process
+        assert row["gemm_gflops"] > 0
+        assert row["fraction_of_gemm"] == pytest.approx(row["gflops_per_s"] / row["gemm_gflops"])
+    assert "% GEMM" in printed and "cost per FLOP" in printed
     assert result["auto"] == profile.choose_impl(T, C, (9, 12), device="cpu")
+    assert result["flop_ratio"] == pytest.approx(hw * hw * (2 * T * C + T * 9) / (T * T * 9 * C * C * (L + hw)))
 
 
 def test_auto_matches_the_cheaper_flop_count():
