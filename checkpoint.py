@@ -1,22 +1,24 @@
-"""What a run keeps on disk, and how it is read back: checkpoints written atomically (ckpt.pt, best.pt),
+"""What a run keeps on disk, and how it is read back: checkpoints written atomically (ckpt.pt, best.pt; a
+train.Run saved and restored whole: save_run, restore_run),
 the RNG state that makes a resumed run repeat the uninterrupted one, log.jsonl cut back to the checkpoint,
-JSON that stays valid JSON (NaN -> null), the refusal to write into a folder holding another run, and the
-delta_m reference read from an STL run's results.json (or the papers' STL numbers).
+JSON that stays valid JSON (NaN -> null), and the refusal to write into a folder holding another run.
 
 A fault in the user's files is a UserError (one message, no traceback), raised before anything is written.
 """
+import dataclasses
 import json
 import math
 import os
 import platform
 import random
 import re
+import time
 
 import numpy as np
 import torch
 
 from config import UserError
-from metrics import STL_REFERENCE, gain_metrics
+from ddp import barrier
 
 RUN_FILES = re.compile(r'(config\.json|log\.jsonl|results\.json|ckpt\.pt|best\.pt|curves\.png|genotype\.json'
                        r'|vis_epoch\d+\.png)$')
@@ -29,6 +31,12 @@ def json_safe(x):
     if isinstance(x, dict):
         return {k: json_safe(v) for k, v in x.items()}
     return [json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def append_record(path, record):
+    """One JSON line appended to a log (log.jsonl)."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(json_safe(record), allow_nan=False) + '\n')
 
 
 def write_json(path, obj):
@@ -125,31 +133,64 @@ def versions(device, world):
             else (platform.processor() or platform.machine()), 'world_size': world, 'threads': torch.get_num_threads()}
 
 
-def load_reference(cfg):
-    """The delta_m baseline: ({task: metric}, where from), or (None, why not and what to do). The papers'
-    reference covers the tasks they give (NYUD_MT's edge odsF is not measured here: delta_m leaves it out)."""
-    path, key = cfg['stl_results'], (cfg['dataset'], cfg['backbone'])
-    if path is None:
-        if key in STL_REFERENCE:
-            reference = {t: STL_REFERENCE[key][t] for t in cfg['tasks'] if t in STL_REFERENCE[key]}
-            if reference:
-                return reference, f"the papers' STL {key}"
-            return None, f"the papers' STL {key} gives none of the tasks {cfg['tasks']}"
-        return None, (f"no paper STL reference for {key}: train `configs/{cfg['dataset']}_stl.py` with the same "
-                      f"epochs and seed, then pass --stl_results=<its out_dir>/results.json")
-    if os.path.abspath(path) == os.path.abspath(os.path.join(cfg['out_dir'], 'results.json')):
-        return None, f"this run is the STL reference: {path} is the other models' delta_m baseline"
-    if not os.path.isfile(path):
-        return None, (f"the STL results file {path} does not exist (yet): run the STL model with the same "
-                      f"recipe first, e.g. `python train.py configs/{cfg['dataset']}_stl.py`")
-    try:
-        with open(path) as f:
-            stl = json.load(f)
-        dataset, metrics = stl['config']['dataset'], stl['final']['metrics']
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"stl_results={path}: not a results.json of train.py ({type(e).__name__}: {e})") from None
-    if dataset != cfg['dataset']:
-        raise UserError(f"stl_results={path} is a {dataset} run; this is {cfg['dataset']}")
-    if any(t not in metrics for t in cfg['tasks']):
-        return None, f"{path} has no results for some of {cfg['tasks']}"
-    return {t: metrics[t][gain_metrics(cfg['dataset'])[t][0]] for t in cfg['tasks']}, f"STL run {path}"
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: `epoch` epochs done plus `batches_done` steps of the next (`step` in all), its best
+    and last evaluation records, the seconds trained and the size of log.jsonl at the last checkpoint."""
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+    best: dict | None = None
+    last: dict | None = None
+    seconds: float = 0.0
+    log_bytes: int = 0
+
+
+def save_run(run):
+    """ckpt.pt of a train.Run (rank 0 writes, every rank waits): weights, optimisers, schedule, its Progress, the
+    RNG states and config, everything a resume needs to repeat the uninterrupted run."""
+    p = run.progress
+    p.seconds = run.timing['before'] + time.time() - run.timing['start']
+    if run.master:
+        log = run.path('log.jsonl')
+        p.log_bytes = os.path.getsize(log) if os.path.exists(log) else 0
+        save_checkpoint(run.path('ckpt.pt'), {
+            'model': run.raw_model.state_dict(), 'optimizer': run.optimizer.state_dict(),
+            'scheduler': run.scheduler.state_dict(), 'progress': dataclasses.asdict(p), 'rng': rng_state(run.device),
+            'config': dict(run.cfg), 'input_size': list(run.val_set.size),
+            'own_optimizer': run.own_optimizer.state_dict() if run.own_optimizer else None})
+    barrier()
+
+
+def save_best(run, record):
+    """best.pt (rank 0): the weights of the evaluation `record`, with the config and input size predict.py needs."""
+    if run.master:
+        save_checkpoint(run.path('best.pt'), {'model': run.raw_model.state_dict(), 'config': dict(run.cfg),
+                                              'eval': record, 'input_size': list(run.val_set.size)})
+
+
+def restore_run(run, ckpt):
+    """A train.Run as save_run left it; log.jsonl is cut back to the checkpoint (what comes after is redone)."""
+    run.raw_model.load_state_dict(ckpt['model'])
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    if run.own_optimizer:
+        run.own_optimizer.load_state_dict(ckpt['own_optimizer'])
+    run.scheduler.load_state_dict(ckpt['scheduler'])
+    run.progress = Progress(**ckpt['progress'])
+    run.timing['before'], run.timing['first_step'] = run.progress.seconds, run.progress.step
+    set_rng_state(ckpt['rng'], run.device)
+    if run.master:
+        cut_log(run.path('log.jsonl'), run.progress.log_bytes)
+
+
+def results_record(run):
+    """results.json of a finished train.Run: its final and best evaluations, delta_m reference, size, time, the
+    software it ran on and its config."""
+    p, cfg = run.progress, run.cfg
+    return {'model': cfg['model'], 'dataset': cfg['dataset'], 'backbone': cfg['backbone'], 'seed': cfg['seed'],
+            'epochs': run.epochs, 'steps': p.step, 'params': sum(q.numel() for q in run.raw_model.parameters()),
+            'final': {k: v for k, v in p.last.items() if k != 'type'},
+            'best': {k: v for k, v in p.best.items() if k not in ('type', 'score')},
+            'reference': {'source': run.reference_source, 'values': run.reference},
+            'train_time_s': run.timing['before'] + time.time() - run.timing['start'],
+            'versions': versions(run.device, run.world), 'config': dict(cfg)}

@@ -42,13 +42,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # image_norm: the (mean, std) the model normalises its input by, where the authors' pipeline does;
 # canvas: the images are read at their own size and placed on a canvas of `size` (data.CanvasDataset, ATRC's
 # pipeline), where MTAN's files are stored at the model's size; edge_pos_weight: the positive weight of the
-# edge loss (ATRC's datasets: PASCAL 0.95, NYUD 0.8). nyud is NYUD-v2 as ATRC and TIF report it (NYUD_MT:
+# edge loss (ATRC's datasets: PASCAL 0.95, NYUD 0.8); inverse_depth: MTAN's Cityscapes depth is inverse depth
+# without a metric unit (ATRC's depth bins then span its training values). nyud is NYUD-v2 as ATRC and TIF report it (NYUD_MT:
 # 40 classes, edges, 425x560, ATRC's loss weights), beside nyuv2, MTAN's release that the CTAL papers use.
 DATASETS = {
     'nyuv2': dict(tasks={'semseg': 13, 'depth': 1, 'normals': 3}, size=(288, 384), val_images=654,
                   backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 1.0, 'normals': 1.0}),
     'cityscapes': dict(tasks={'semseg': 19, 'depth': 1}, size=(128, 256), val_images=500,
-                       backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 10.0}),
+                       backbone='hrnet18', loss_weights={'semseg': 1.0, 'depth': 10.0}, inverse_depth=True),
     'pascal': dict(tasks={'semseg': 21, 'human_parts': 7, 'saliency': 1, 'normals': 3, 'edge': 1},
                    size=(512, 512), val_images=5105, backbone='swinv2_s',
                    loss_weights={'semseg': 2.0, 'human_parts': 2.0, 'saliency': 5.0, 'edge': 50.0,
@@ -795,32 +796,42 @@ def restore_prediction(dataset, pred, orig_size, size):
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_dataset(dataset, root, split, tasks=None, augment=False, **kw):
-    """Dataset by name (a key of DATASETS). tasks=None means all of the dataset's tasks.
-    kw: nyuv2/synthetic scale_crop; cityscapes labels, scale_crop; pascal / nyud size (scale_crop=False only).
-    The synthetic set is read from root; synthetic.make_synthetic writes it."""
+def resolve_tasks(dataset, tasks, loss_weights):
+    """A config's tasks (None: all; 'a,b'; or a list) in the dataset's canonical order, and one loss weight >= 0
+    per task (loss_weights None: the dataset's): ([task], {task: weight}), or a ValueError saying what to pass."""
+    known = DATASETS[dataset]['tasks']
+    names = tuple(known) if tasks is None else tasks.split(',') if isinstance(tasks, str) else tasks
+    names = [str(x).strip() for x in names]
+    if not names or any(x not in known for x in names) or len(set(names)) != len(names):
+        raise ValueError(f"tasks={tasks!r}: expected None or distinct tasks of {dataset}: {', '.join(known)}")
+    ordered = [x for x in known if x in names]
+    weights = loss_weights or DATASETS[dataset]['loss_weights']
+    if any(not isinstance(weights.get(x), (int, float)) or not weights[x] >= 0 for x in ordered):
+        raise ValueError(f"loss_weights={loss_weights!r}: expected None or a dict giving every task "
+                         f"({', '.join(ordered)}) a weight >= 0")
+    return ordered, {x: float(weights[x]) for x in ordered}
+
+
+def build_dataset(dataset, root, split, tasks=None, augment=False, size=None, **kw):
+    """Dataset by name (a key of DATASETS). tasks=None means all of the dataset's tasks. size: the canvas of
+    pascal / nyud (None: theirs, DATASETS); MTAN's files are stored at one size, which a given size must
+    equal. kw: nyuv2 / synthetic scale_crop; cityscapes labels, scale_crop. The synthetic set is read from
+    root; synthetic.make_synthetic writes it."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {tuple(DATASETS)}")
     tasks = tuple(DATASETS[dataset]['tasks']) if tasks is None else tasks
-    if dataset == 'nyuv2':
-        return NYUv2(root, split, tasks, augment, **kw)
-    if dataset == 'cityscapes':
-        return Cityscapes(root, split, tasks, augment=augment, **kw)
     if DATASETS[dataset].get('canvas'):
         if kw.pop('scale_crop', False):
             raise ValueError(f"{dataset}: scale_crop is MTAN's NYUv2/Cityscapes augmentation; {dataset} uses "
                              f"ATRC's (augment=True)")
-        return (PASCALContext if dataset == 'pascal' else NYUDMT)(root, split, tasks, augment=augment, **kw)
-    return Synthetic(root, split, tasks, augment, **kw)
-
-
-def parse_size(text):
-    """'96x128' -> (96, 128), for command-line options."""
-    try:
-        h, w = (int(v) for v in text.lower().split('x'))
-        return h, w
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 96x128 (HxW), got {text!r}")
+        size = size or DATASETS[dataset]['size']                      # an int or (H, W)
+        return (PASCALContext if dataset == 'pascal' else NYUDMT)(root, split, tasks, augment=augment, size=size, **kw)
+    ds = {'nyuv2': NYUv2, 'cityscapes': Cityscapes, 'synthetic': Synthetic}[dataset](root, split, tasks,
+                                                                                    augment=augment, **kw)
+    if size is not None and tuple(size) != tuple(ds.size):
+        raise ValueError(f"img_size={tuple(size)} but the {dataset} files in {root} are {tuple(ds.size)}: leave "
+                         f"img_size=None for this dataset (the size is read from the files)")
+    return ds
 
 
 def check_split(dataset, root, split, augment=False, limit=0):

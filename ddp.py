@@ -6,11 +6,9 @@ one-process j-th batch; each sample's augmentation is drawn from an RNG seeded b
 alone (SeededAugmentation), whatever worker, rank or resume point loads it; BatchNorm statistics are
 taken over the global batch (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm over gloo on CPU). One process
 and W processes then compute the same step, to float rounding. Ctrl-C / SIGTERM stop every rank after the
-same step (StopFlag), so the checkpoint then written is one state of the whole run. `pick_device` turns a
-device name into a torch.device (train.py and predict.py).
+same step (StopFlag), so the checkpoint then written is one state of the whole run.
 """
 import os
-import re
 import signal
 import threading
 import warnings
@@ -23,31 +21,16 @@ import torch.nn as nn
 from config import UserError
 
 
-def check_device_name(name):
-    if not (name in ('auto', 'cpu', 'cuda') or re.fullmatch(r'cuda:\d+', str(name))):
-        raise UserError(f"device={name!r}: expected auto, cpu, cuda or cuda:N")
-
-
-def pick_device(name):
-    """'auto' (CUDA if available) | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, or a UserError."""
-    check_device_name(name)
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name != 'cpu' and not torch.cuda.is_available():
-        raise UserError(f"device={name!r}: CUDA is not available here; use --device=cpu")
-    return torch.device(name)
-
-
-def setup_distributed(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU)."""
+def setup_distributed(device, batch_size):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU). Returns
+    (rank, world, device), on CUDA each process on its local rank's GPU."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
-    device = pick_device(cfg['device'])
-    if device.type == 'cuda':                 # under torchrun each process takes its local rank's GPU
+    if device.type == 'cuda':
         device = torch.device('cuda', local_rank if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
-    if cfg['batch_size'] % world:
-        raise UserError(f"batch_size={cfg['batch_size']} (the global batch) must divide among {world} processes")
+    if batch_size % world:
+        raise UserError(f"batch_size={batch_size} (the global batch) must divide among {world} processes")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
@@ -93,6 +76,17 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
             + self.bias[:, None, None]
 
 
+def wrap_distributed(net, device, world, sync_bn=True):
+    """(the network, what a training step calls): under W > 1 processes the network with synchronised BatchNorm
+    (sync_bn) inside DistributedDataParallel, which expects unused parameters where the model says a step may
+    leave some without gradient (`uses_all_parameters`); in one process the network twice."""
+    if world == 1:
+        return net, net
+    net = convert_sync_batchnorm(net, device).to(device) if sync_bn else net
+    return net, nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None,
+                                                    find_unused_parameters=not net.uses_all_parameters)
+
+
 def convert_sync_batchnorm(module, device):
     if device.type == 'cuda':
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
@@ -125,14 +119,14 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
 def epoch_batches(n, epoch, cfg, rank, world, start=0):
     """This rank's batches (lists of indices) of one epoch: DistributedSampler's permutation (randperm
-    seeded by seed + epoch, every world-th index), last partial batch dropped, at most max_iters of them;
+    seeded by seed + epoch, every world-th index), last partial batch dropped, at most max_steps_per_epoch of them;
     `start` skips those already done (resume)."""
     sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
                                                   seed=cfg['seed'], drop_last=True)
     sampler.set_epoch(epoch)
     order, b = list(sampler), cfg['batch_size'] // world
     batches = [order[i:i + b] for i in range(0, len(order) - b + 1, b)]
-    return batches[:cfg['max_iters'] or None][start:]
+    return batches[:cfg['max_steps_per_epoch'] or None][start:]
 
 
 class Interrupted(Exception):

@@ -1,7 +1,8 @@
 """Per-task losses, evaluation meters and the MTL gain (delta_m): every number a table reports.
 
 Data flow (train.py is the only user):
-  training:   loss = sum_t w_t * task_loss(t, pred_t, target_t), w_t from data.DATASETS or the config
+  training:   losses = compute_losses(out, batch, tasks, loss_options(cfg), the model's extra losses): per task
+              the final prediction's task_loss + the mean of its initial ones; loss = sum_t w_t * losses[t]
   evaluation: meters = build_meters(tasks); for each val batch: meters[t].update(pred_t, target_t);
               under DDP meters[t].all_reduce() once at the end; meters[t].compute() -> {name: float};
               delta_m({t: results[t][TASK_METRIC[t][0]]}, STL_REFERENCE[(dataset, backbone)]).
@@ -54,13 +55,16 @@ when lower is better (the (-1)^{l_t} of the papers), on the metric named by TASK
 NYUD_MT depth counts by RMSE, as ATRC and TIF report it; its edge by odsF, which needs the external SEISM
 benchmark, so its delta_m covers semseg, depth and normals).
 """
-import math
+
+import json
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import IGNORE        # the label to skip (seg / saliency / edge), defined with the data format
+from config import UserError
+from data import DATASETS, IGNORE        # IGNORE: the label to skip (seg / saliency / edge), with the data format
 
 EDGE_POS_WEIGHT = 0.95       # default weight of the positive (edge) term of the edge loss (PASCAL: MTI-Net / ATRC)
 NORMALS_EPS = 1e-12          # eps of the prediction normalisation (F.normalize's default)
@@ -101,21 +105,11 @@ def _check(task, pred, target, channels=None):
                          f"target resolution before the loss / meter.")
 
 
-def _check_labels(task, target, num_classes):
-    """Labels must be in [0, K) or 255; a stray label would otherwise be a cryptic CUDA assert."""
-    valid = target != IGNORE
-    labels = target[valid]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{task}: target labels must be in [0, {num_classes}) or {IGNORE} (ignore), "
-                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
-
-
 # ---------------------------------------------------------------------------------------------- losses
 
 def segmentation_loss(pred, target, task='semseg'):
     """Cross-entropy over the non-ignored pixels. pred (B, K, H, W) logits, target (B, H, W) int64."""
     _check(task, pred, target)
-    _check_labels(task, target, pred.shape[1])
     n_valid = (target != IGNORE).sum()
     ce = F.cross_entropy(pred.float(), target, ignore_index=IGNORE, reduction='sum')
     return ce / n_valid.clamp(min=1)   # sum / count instead of 'mean': 0 rather than NaN when all ignored
@@ -202,56 +196,26 @@ def task_loss(task, pred, target, normals_form='cosine', edge_pos_weight=EDGE_PO
     return TASK_LOSS[task](pred, target)
 
 
-def discretise(task, target, depth_range=None, normals_centroids=None, depth_bins=None):
-    """ATRC's label spaces: a target map -> (B, H, W) int64 region indices, 255 where it is invalid.
-    depth: n = depth_bins bins spaced evenly in log(depth) over depth_range (bin floor(n log(d / lo) /
-    log(hi / lo)), clipped to 0..n-1); normals: the nearest of the centroids (K, 3) by cosine; saliency /
-    edge: the class 0 / 1; segmentation tasks: their labels."""
-    if task in SEG_TASKS:
-        return target
-    if task == 'depth':
-        lo, hi = (float(v) for v in depth_range)
-        n = depth_bins
-        bins = torch.floor(n * torch.log(target.clamp(min=1e-12) / lo) / math.log(hi / lo)).clamp(0, n - 1)
-        return torch.where(target > 0, bins, float(IGNORE))[:, 0].long()
-    if task == 'normals':
-        index = torch.einsum('bchw,kc->bkhw', target, normals_centroids.to(target.dtype)).argmax(1)
-        return torch.where((target != 0).any(1), index, IGNORE)
-    return torch.where(target == IGNORE, float(IGNORE), (target >= 0.5).float())[:, 0].long()
+def loss_options(cfg):
+    """task_loss's options in a run of train.py: the normals loss form (its config), the edge weight (its dataset)."""
+    return {'normals_form': cfg['normals_loss'],
+            'edge_pos_weight': DATASETS[cfg['dataset']].get('edge_pos_weight', EDGE_POS_WEIGHT)}
 
 
-def normals_centroids(normals, k, seed=0, iters=30):
-    """k unit vectors that cluster the unit normals (N, 3) (N >= k): spherical k-means (cosine
-    assignment, centroid = normalised mean) from a k-means++ start drawn with `seed`. ATRC's normals
-    label space, computed here from training normals (theirs ship as a file of their data release)."""
-    x = F.normalize(torch.as_tensor(normals, dtype=torch.float64), dim=1)
-    g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randint(len(x), (1,), generator=g)]
-    for _ in range(k - 1):                # k-means++: the next start far (in angle) from those chosen
-        far = (1 - (x @ centroids.T).max(1).values).clamp(min=0) ** 2 + 1e-12
-        centroids = torch.cat([centroids, x[torch.multinomial(far, 1, generator=g)]])
-    for _ in range(iters):
-        sums = torch.zeros_like(centroids).index_add_(0, (x @ centroids.T).argmax(1), x)
-        kept = sums.norm(dim=1) > 0                                   # an empty cluster keeps its centroid
-        centroids[kept] = F.normalize(sums[kept], dim=1)
-    return centroids.float()
-
-
-def aux_loss(task, logits, target, depth_range=None, normals_centroids=None, edge_pos_weight=EDGE_POS_WEIGHT):
-    """The loss of ATRC's auxiliary prediction (B, R, H, W) of `task` on its discretised target: cross-entropy
-    over the regions, for edge with the class weights (1 - w, w) of the edge loss, for saliency with the
-    batch's balance (positives weighted by the fraction of negatives), as ATRC's 2-class losses. The
-    regions are the prediction's channels: R depth bins, or one per normals centroid."""
-    labels = discretise(task, target, depth_range, normals_centroids, depth_bins=logits.shape[1])
-    weight = None
-    if task == 'edge':
-        weight = torch.tensor([1 - edge_pos_weight, edge_pos_weight], device=logits.device)
-    elif task == 'saliency':
-        valid = labels != IGNORE
-        neg = ((labels == 0) & valid).sum() / valid.sum().clamp(min=1)
-        weight = torch.stack([1 - neg, neg]).float()
-    ce = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=IGNORE, reduction='none')
-    return ce.sum() / (labels != IGNORE).sum().clamp(min=1)
+def compute_losses(out, batch, tasks, options=None, extra=None):
+    """Per task L_initial + L_final (deep supervision, CTAL paper Sec. 2) + extra[task] (the model's
+    `extra_losses`): {task: scalar}. 'initial' holds a tensor, or for the multi-scale models a list of per-scale
+    predictions (their mean loss), or nothing (stl / mtl). options: `loss_options` (None: the defaults)."""
+    options, extra, losses = options or {}, extra or {}, {}
+    for t in tasks:
+        initial = out['initial'].get(t)
+        initial = [] if initial is None else initial if isinstance(initial, (list, tuple)) else [initial]
+        losses[t] = task_loss(t, out[t], batch[t], **options)
+        if initial:
+            losses[t] = losses[t] + sum(task_loss(t, p, batch[t], **options) for p in initial) / len(initial)
+        if t in extra:
+            losses[t] = losses[t] + extra[t]
+    return losses
 
 
 # ---------------------------------------------------------------------------------------------- meters
@@ -305,7 +269,6 @@ class SegmentationMeter(Meter):
     def update(self, pred, target):
         K = self.num_classes
         _check(self.task, pred, target, K)
-        _check_labels(self.task, target, K)
         label = pred.argmax(1)                                   # (B, H, W)
         valid = target != IGNORE
         index = target[valid] * K + label[valid]                 # row = target, column = prediction
@@ -503,3 +466,46 @@ STL_REFERENCE = {
     ('pascal', 'swinv2_s'): {'semseg': 74.07, 'human_parts': 64.28, 'saliency': 83.95,
                              'normals': 16.03, 'edge': 0.0241},
 }
+
+
+def load_reference(cfg):
+    """The delta_m baseline: ({task: metric}, where from), or (None, why not and what to do). The papers'
+    reference covers the tasks they give (NYUD_MT's edge odsF is not measured here: delta_m leaves it out)."""
+    path, key = cfg['stl_results'], (cfg['dataset'], cfg['backbone'])
+    if path is None:
+        if key in STL_REFERENCE:
+            reference = {t: STL_REFERENCE[key][t] for t in cfg['tasks'] if t in STL_REFERENCE[key]}
+            if reference:
+                return reference, f"the papers' STL {key}"
+            return None, f"the papers' STL {key} gives none of the tasks {cfg['tasks']}"
+        return None, (f"no paper STL reference for {key}: train `configs/{cfg['dataset']}_stl.py` with the same "
+                      f"epochs and seed, then pass --stl_results=<its out_dir>/results.json")
+    if os.path.abspath(path) == os.path.abspath(os.path.join(cfg['out_dir'], 'results.json')):
+        return None, f"this run is the STL reference: {path} is the other models' delta_m baseline"
+    if not os.path.isfile(path):
+        return None, (f"the STL results file {path} does not exist (yet): run the STL model with the same "
+                      f"recipe first, e.g. `python train.py configs/{cfg['dataset']}_stl.py`")
+    try:
+        with open(path) as f:
+            stl = json.load(f)
+        dataset, metrics = stl['config']['dataset'], stl['final']['metrics']
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"stl_results={path}: not a results.json of train.py ({type(e).__name__}: {e})") from None
+    if dataset != cfg['dataset']:
+        raise UserError(f"stl_results={path} is a {dataset} run; this is {cfg['dataset']}")
+    if any(t not in metrics for t in cfg['tasks']):
+        return None, f"{path} has no results for some of {cfg['tasks']}"
+    return {t: metrics[t][gain_metrics(cfg['dataset'])[t][0]] for t in cfg['tasks']}, f"STL run {path}"
+
+
+def format_delta(dm):
+    return 'n/a' if dm is None else f'{dm:+.2f} %'
+
+
+def format_metrics(metrics, reference, dataset):
+    lines = []
+    for t, values in metrics.items():
+        cells = '  '.join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+        ref = f"   [STL {gain_metrics(dataset)[t][0]} {reference[t]:.4g}]" if reference and t in reference else ''
+        lines.append(f"  {t:<12}{cells}{ref}")
+    return '\n'.join(lines)

@@ -21,7 +21,8 @@ Data flow (CNN path, HRNet-W18-small-v2; CTAL paper Sec. 2, EMA-Net Sec. 3.4):
   ctal_ms  HRNet -> MTINetFrontEnd -> per task Fuse of its 4 feature maps (270 @ 1/4)
                  -> CTALDistillation -> per task final head(128)   (EMA-Net Sec. 3.4, Fig. 3)
   atrc     HRNet -> upsample + concat (270 @ 1/4) -> per task F_t (67) -> ATRCDistillation (+ auxiliary
-                 heads on the detached concat for the label contexts) -> Conv1x1 -> upsample   (ATRC Sec. 3)
+                 heads on the detached concat for the label contexts) -> Conv1x1 -> upsample   (ATRC Sec. 3;
+                 atrc.py holds ATRC whole, on this file's backbones and blocks)
   atrc_ms  HRNet -> MTINetFrontEnd -> per task Fuse of its 4 maps (270 @ 1/4) -> F_t -> ATRC as atrc
                  (ATRC Tab. 2 "ATRC + FPM"; deep supervision on the 4 per-scale predictions, as mtinet)
   atrc_mtl HRNet -> upsample + concat (270 @ 1/4) -> per task Conv3x3-BN-ReLU (67) -> Conv1x1 -> upsample
@@ -51,6 +52,7 @@ counts (tests/test_model.py).
 import logging
 import math
 import os
+import re
 
 import timm
 import torch
@@ -61,11 +63,10 @@ from timm.models.hrnet import HighResolutionModule
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ATRCDistillation, ConcatDistillation, MTINetFrontEnd,
-                       PADDistillation, PAPPropagation, TIFDecoder, conv1x1_bn, conv_bn_relu, resize,
-                       spatial_softmax)
+from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ConcatDistillation, MTINetFrontEnd, PADDistillation,
+                       PAPPropagation, TIFDecoder, conv1x1_bn, resize)
 from ctal import CTAL
-from metrics import normals_centroids
+from data import DATASETS
 
 MODEL_NAMES = ('stl', 'mtl', 'concat', 'padnet', 'papnet', 'ctal_ss', 'mtinet', 'ctal_ms', 'tif', 'atrc', 'atrc_ms',
                'atrc_stl', 'atrc_mtl')
@@ -409,7 +410,19 @@ class InputNorm(nn.Module):
 class MultiTaskModel(nn.Module):
     """Common input step: the models are built for one input size (CTAL's per-position kernels and Swin's
     attention masks are tied to it), so any other size is an error rather than a silent resize; then the
-    input normalisation (identity unless build_model's image_norm sets an InputNorm)."""
+    input normalisation (identity unless build_model's image_norm sets an InputNorm).
+
+    The training loop's hooks (train.py calls them on every model; only atrc.ATRC does something in them):
+      prepare(train_set, cache_dir, seed, inverse_depth)   before the first step: fit what the model learns
+                                                          from the training data (its buffers)
+      schedule(fraction)                 before each training step, at this fraction (0 -> 1) of the run
+      extra_losses(out, batch, edge_pos_weight)  {task: loss} added to that task's loss, at its weight
+      regulariser(out)                   a scalar added to the step's total loss
+      own_optimizer()                    a new optimiser over parameters the model trains itself, stepped after
+                                         the main one, which trains all the others (None: there are none)
+      artifacts()                        {file name: JSON data} written into out_dir after every evaluation
+      uses_all_parameters                False where a step may leave some parameters without gradient (DDP)"""
+    uses_all_parameters = True
 
     def __init__(self, tasks, img_size):
         super().__init__()
@@ -423,6 +436,24 @@ class MultiTaskModel(nn.Module):
                              f"model was built for), got {tuple(x.shape)}; resize the images or rebuild the "
                              f"model with img_size={tuple(x.shape[-2:])}")
         return self.input_norm(x)
+
+    def prepare(self, train_set, cache_dir, seed, inverse_depth=False):
+        pass
+
+    def schedule(self, fraction):
+        pass
+
+    def extra_losses(self, out, batch, edge_pos_weight):
+        return {}
+
+    def regulariser(self, out):
+        return 0.0
+
+    def own_optimizer(self):
+        return None
+
+    def artifacts(self):
+        return {}
 
 
 class HardSharing(MultiTaskModel):
@@ -580,146 +611,6 @@ class TIF(MultiTaskModel):
         return out
 
 
-# The ATRC authors' searched genotypes for HRNet-18 (their genotypes/atrc_nyud_hrnet18.json and
-# atrc_pascal_hrnet18.json, step 40000), rows = target, columns = source. Other task sets take the
-# sub-matrix of the one that holds their tasks (our NYUv2 and Cityscapes: the NYUD-v2 one).
-ATRC_NYUD = {'semseg': dict(semseg='tlabel', depth='tlabel', normals='slabel', edge='slabel'),
-             'depth': dict(semseg='slabel', depth='tlabel', normals='slabel', edge='slabel'),
-             'normals': dict(semseg='slabel', depth='tlabel', normals='tlabel', edge='slabel'),
-             'edge': dict(semseg='tlabel', depth='tlabel', normals='global', edge='tlabel')}
-ATRC_PASCAL = {
-    'semseg': dict(semseg='tlabel', human_parts='tlabel', saliency='slabel', normals='none', edge='slabel'),
-    'human_parts': dict(semseg='tlabel', human_parts='tlabel', saliency='slabel', normals='tlabel', edge='slabel'),
-    'saliency': dict(semseg='tlabel', human_parts='tlabel', saliency='tlabel', normals='slabel', edge='tlabel'),
-    'normals': dict(semseg='tlabel', human_parts='tlabel', saliency='tlabel', normals='tlabel', edge='slabel'),
-    'edge': dict(semseg='tlabel', human_parts='tlabel', saliency='tlabel', normals='global', edge='tlabel')}
-# regions of the auxiliary prediction per task (ATRC's label spaces): segmentation tasks their classes;
-# depth 40 log-spaced bins, normals 40 clusters on the sphere, edge and saliency 2 classes
-ATRC_REGIONS = {'depth': 40, 'normals': 40, 'edge': 2, 'saliency': 2}
-ATRC_DEPTH_RANGE = (0.7, 10.0)          # metres: the authors' log-spaced depth bins (NYUD-v2)
-
-
-def default_atrc_genotype(tasks):
-    table = ATRC_PASCAL if {'human_parts', 'saliency'} & set(tasks) else ATRC_NYUD
-    unknown = [t for t in tasks if t not in table]
-    if unknown:
-        raise ValueError(f"atrc: no published genotype covers the tasks {unknown}; pass a genotype "
-                         f"{{target: {{source: context}}}} (contexts: none, global, local, tlabel, slabel)")
-    return {t: {s: table[t][s] for s in tasks} for t in tasks}
-
-
-def atrc_logits(tasks, width):
-    """ATRC's final layers: per task Conv1x1 width -> K, initialised as their heads' init_weights initialise
-    every *logits* layer (weights N(0, 0.01), bias 0)."""
-    logits = nn.ModuleDict({t: nn.Conv2d(width, k, 1) for t, k in tasks.items()})
-    for conv in logits.values():
-        nn.init.normal_(conv.weight, std=0.01)
-        nn.init.zeros_(conv.bias)
-    return logits
-
-
-class ATRCBaseline(MultiTaskModel):
-    """`atrc_mtl`: ATRC's multi-task baseline (their FCNHead, ATRC paper Tab. 1 "multi-task"): the 4 HRNet maps
-    (ATRC's HRNet) upsampled and concatenated at 1/4 (270 channels) -> per task Conv3x3-BN-ReLU (270 -> 67)
-    -> Conv1x1 logits -> upsample; ATRC without its distillation. With one task it is one network of
-    `atrc_stl` (their single-task baseline: SingleTask over this). On Swin-V2-S: the 768 @ 1/32 map, 192 wide,
-    as ATRC there. 'initial' is {}."""
-
-    def __init__(self, tasks, img_size, backbone='hrnet18', pretrained=None):
-        super().__init__(tasks, img_size)
-        swin = backbone == 'swinv2_s'
-        self.backbone = SwinBackbone(pretrained) if swin else HRNetBackbone(pretrained, authors='atrc')
-        c = SWIN_CHANNELS if swin else sum(HRNET_CHANNELS)
-        self.features = nn.ModuleDict({t: conv_bn_relu(c, c // 4, 3) for t in self.tasks})
-        self.logits = atrc_logits(self.tasks, c // 4)
-
-    def forward(self, x):
-        x = self.prepare_input(x)
-        xs = self.backbone(x)
-        shared = xs if torch.is_tensor(xs) else concat_scales(xs)                 # (B, 270, H/4, W/4)
-        out = {t: resize(self.logits[t](f(shared)), self.img_size) for t, f in self.features.items()}
-        out['initial'] = {}
-        return out
-
-
-class ATRC(MultiTaskModel):
-    """`atrc` (ATRC paper Sec. 3, as the authors' code builds it on HRNet-18): the 4 HRNet maps upsampled
-    and concatenated at 1/4 (270 channels, no fuse conv) -> per task F_t = Conv3x3-BN-ReLU (270 -> 67)
-    -> baselines.ATRCDistillation (d = 33) -> Conv1x1 logits -> upsample. The label contexts read
-    auxiliary predictions: per task that needs one, Conv1x1-BN-ReLU (270 -> 270) -> Conv1x1 -> R_t regions
-    on the DETACHED concatenation (their code: the auxiliary losses do not train the backbone), returned
-    upsampled in out['aux'] and trained on discretised targets (metrics.aux_loss). The depth bins and
-    normals clusters they are discretised by are buffers (`label_spaces`), so a checkpoint carries them.
-    search=True: the architecture search's network (every pair a SearchedContext, every task an auxiliary
-    head), out['entropy'] its entropy term; `distill.current_genotype()` is what it has found.
-
-    fpm=True is `atrc_ms` (ATRC paper Tab. 2, "ATRC + FPM"; their code has none, the reading is ours): MTI-Net's
-    front end (per-scale heads + FPMs, deep supervision in out['initial'] as mtinet), each task's 4 maps
-    fused at 1/4 (Fuse, 270 channels, as ctal_ms), then F_t and ATRC as above.
-    backbone='swinv2_s' (our reading; the paper has no transformer): ATRC on Swin-V2-S's 768 @ 1/32, the
-    grid this project's other models distil on with that backbone: F_t 768 -> 192, d = 96, the auxiliary
-    heads on the detached 768 channels.
-    """
-
-    def __init__(self, tasks, img_size, pretrained=None, genotype=None, search=False, backbone='hrnet18',
-                 fpm=False, fpm_softmax='code'):
-        super().__init__(tasks, img_size)
-        swin = backbone == 'swinv2_s'
-        self.backbone = SwinBackbone(pretrained) if swin else HRNetBackbone(pretrained, authors='atrc')
-        c = SWIN_CHANNELS if swin else sum(HRNET_CHANNELS)
-        width = c // 4                                                  # HRNet: 67, and d = 33 in the blocks
-        self.front = MTINetFrontEnd(self.tasks, HRNET_CHANNELS, fpm_softmax) if fpm else None
-        self.fuse = nn.ModuleDict({t: Fuse(HRNET_CHANNELS) for t in self.tasks}) if fpm else None
-        self.features = nn.ModuleDict({t: conv_bn_relu(c, width, 3) for t in self.tasks})
-        genotype = None if search else genotype or default_atrc_genotype(self.tasks)
-        self.distill = ATRCDistillation(self.tasks, genotype, width, width // 2, search=search)
-        self.aux_heads = nn.ModuleDict({t: nn.Sequential(conv_bn_relu(c, c, 1), nn.Conv2d(c, ATRC_REGIONS.get(t, k), 1))
-                                        for t, k in self.tasks.items() if t in self.distill.region_tasks()})
-        self.logits = atrc_logits(self.tasks, width)
-        self.register_buffer('depth_range', torch.tensor(ATRC_DEPTH_RANGE))
-        self.register_buffer('normals_centroids', torch.zeros(ATRC_REGIONS['normals'], 3))
-
-    def label_spaces(self):
-        """What metrics.aux_loss discretises the targets by."""
-        return {'depth_range': self.depth_range, 'normals_centroids': self.normals_centroids}
-
-    @torch.no_grad()
-    def fit_label_spaces(self, samples, seed, inverse_depth=False):
-        """Fit the label spaces to training samples [{task: target}], at most 200,000 valid values of each
-        drawn with `seed`: the normals clusters (metrics.normals_centroids); the depth bins stay on the
-        authors' 0.7-10 m, unless the depth is inverse depth without a metric unit (MTAN's Cityscapes): then
-        they span its 1st-99th percentile. Returns label_spaces()."""
-        g = torch.Generator().manual_seed(seed)
-        pick = lambda x: x[torch.randperm(len(x), generator=g)[:200_000]]
-        if 'normals' in self.tasks:
-            n = torch.cat([s['normals'].flatten(1).T for s in samples])           # (N, 3), zero = invalid
-            self.normals_centroids.copy_(normals_centroids(pick(n[(n != 0).any(1)]), len(self.normals_centroids),
-                                                           seed=seed))
-        if inverse_depth and 'depth' in self.tasks:
-            d = torch.cat([s['depth'].flatten() for s in samples])
-            self.depth_range.copy_(torch.quantile(pick(d[d > 0]), torch.tensor([0.01, 0.99])))
-        return self.label_spaces()
-
-    def forward(self, x):
-        x = self.prepare_input(x)
-        xs = self.backbone(x)
-        shared = xs if torch.is_tensor(xs) else concat_scales(xs)
-        inputs, initial = {t: shared for t in self.tasks}, {}          # (B, 270, H/4, W/4) or (B, 768, H/32, W/32)
-        if self.front is not None:
-            feats, preds = self.front(xs)
-            inputs = {t: self.fuse[t]([f[t] for f in feats]) for t in self.tasks}
-            initial = {t: [resize(p[t], self.img_size) for p in preds] for t in self.tasks}
-        aux = {t: head(shared.detach()) for t, head in self.aux_heads.items()}
-        refined = self.distill({t: f(inputs[t]) for t, f in self.features.items()},
-                               {t: spatial_softmax(a) for t, a in aux.items()})
-        out = {t: resize(self.logits[t](refined[t]), self.img_size) for t in self.tasks}
-        out['initial'] = initial
-        out['aux'] = {t: resize(a, self.img_size) for t, a in aux.items()}
-        if self.distill.search:                 # inside forward, so that DDP sees every use of the logits
-            out['entropy'] = self.distill.entropy()
-        return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # builder
 
@@ -797,7 +688,7 @@ def build_model(name, tasks, img_size, backbone='hrnet18', scale=1 / 4, gamma=0.
     the CTAL authors', for every model but atrc / atrc_ms: 0.1, ATRC's). It changes only how fast the running
     statistics follow training, not the function; runs of a few hundred steps need a larger one (0.1) for
     their eval-mode statistics to catch up.
-    genotype: atrc's {target: {source: context}} (baselines.atrc_genotype); None = the authors' searched one.
+    genotype: atrc's {target: {source: context}} (atrc.atrc_genotype); None = the authors' searched one.
     atrc_search: atrc as the architecture search's network instead (genotype is then ignored).
     image_norm: None, or the (mean, std) per RGB channel the model normalises its [0, 1] input by
     (`InputNorm`; data.DATASETS[name]['image_norm'], PASCAL-Context's ImageNet statistics).
@@ -826,11 +717,12 @@ def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl,
         return HardSharing(tasks, img_size, backbone, pretrained)
     if name == 'tif':
         return TIF(tasks, img_size, backbone, pretrained)
-    if name == 'atrc_mtl':
-        return ATRCBaseline(tasks, img_size, backbone, pretrained)
-    if name == 'atrc_stl':
-        return SingleTask(tasks, img_size, backbone, pretrained, network=ATRCBaseline)
-    if name in ('atrc', 'atrc_ms'):
+    if name.startswith('atrc'):
+        from atrc import ATRC, ATRCBaseline          # atrc.py builds on this file's backbones and blocks
+        if name == 'atrc_mtl':
+            return ATRCBaseline(tasks, img_size, backbone, pretrained)
+        if name == 'atrc_stl':
+            return SingleTask(tasks, img_size, backbone, pretrained, network=ATRCBaseline)
         return ATRC(tasks, img_size, pretrained, genotype, atrc_search, backbone, name == 'atrc_ms', fpm_softmax)
     if name == 'mtinet':
         return MTINet(tasks, img_size, pretrained, fpm_softmax)
@@ -850,3 +742,29 @@ def build_architecture(name, tasks, img_size, backbone, scale, gamma, ctal_impl,
                                    gamma, ctal_impl, ctal_fusion, backbone=backbone)
         channels = CTAL_CHANNELS
     return SingleScaleDistillation(tasks, img_size, backbone, distill, channels, pretrained)
+
+
+def check_device_name(name):
+    if not (name in ('auto', 'cpu', 'cuda') or re.fullmatch(r'cuda:\d+', str(name))):
+        raise ValueError(f"device={name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def pick_device(name):
+    """'auto' (CUDA if available) | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, or a ValueError saying what to pass."""
+    check_device_name(name)
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name != 'cpu' and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: CUDA is not available here; use --device=cpu")
+    return torch.device(name)
+
+
+def build_net(cfg, size, device):
+    """The model of a train.py config (train.py, predict.py) for inputs of `size`, on `device`; the input
+    normalisation is the dataset's (data.DATASETS image_norm)."""
+    tasks = {t: DATASETS[cfg['dataset']]['tasks'][t] for t in cfg['tasks']}
+    return build_model(cfg['model'], tasks, size, backbone=cfg['backbone'], scale=cfg['scale'], gamma=cfg['gamma'],
+                       ctal_impl=cfg['ctal_impl'], ctal_fusion=cfg['ctal_fusion'], pretrained=cfg['pretrained'],
+                       pap_iters=cfg['pap_iters'], pap_affinity=cfg['pap_affinity'], fpm_softmax=cfg['fpm_softmax'],
+                       hrnet_bn_momentum=cfg['hrnet_bn_momentum'], genotype=cfg['genotype'],
+                       atrc_search=cfg['search'], image_norm=DATASETS[cfg['dataset']].get('image_norm')).to(device)

@@ -19,8 +19,7 @@ import torch
 from checkpoint import load_checkpoint, load_weights
 from config import UserError
 from data import prepare_image, restore_prediction
-from ddp import pick_device
-from train import build_net
+from model import build_net, pick_device
 from vis import save_prediction_grid
 
 
@@ -45,7 +44,10 @@ def predict_image(net, image, cfg, size, device):
 @torch.no_grad()
 def predict(checkpoint, paths, out_dir, device='cpu'):
     """Predict every image of `paths` with the checkpoint's model; returns the PNG files written."""
-    device = pick_device(device)
+    try:
+        device = pick_device(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     ckpt = load_checkpoint(checkpoint, device)
     cfg, size = ckpt['config'], tuple(ckpt.get('input_size', ()))
     if len(size) != 2:

@@ -57,6 +57,7 @@ from fractions import Fraction  # noqa: E402
 
 import torch  # noqa: E402
 
+from config import parse_fraction, parse_size  # noqa: E402
 from ctal import CTAL, DENSE_COST_PER_FLOP, choose_impl, core_flops  # noqa: E402
 from data import DATASETS  # noqa: E402
 
@@ -94,11 +95,8 @@ PAPER_SWIN = {
 
 
 def parse_scale(text):
-    """'1/4' -> Fraction(1, 4); also accepts decimals such as 0.25."""
-    try:
-        scale = Fraction(text).limit_denominator(64)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"--scale must look like 1/4 or 0.25, got {text!r}")
+    """'1/4' (or 0.25) -> Fraction(1, 4), in (0, 1]."""
+    scale = parse_fraction(text).limit_denominator(64)
     if not 0 < scale <= 1:
         raise argparse.ArgumentTypeError(f"--scale must be in (0, 1], got {text!r}")
     return scale
@@ -456,7 +454,6 @@ def report_largest_batches(args):
 # ------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
-    from data import parse_size
     from model import MODEL_NAMES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--module", choices=["model", "ctal"], default="model",

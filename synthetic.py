@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from data import NYU13_CLASSES, label_edges, parse_size
+from config import parse_size
+from data import NYU13_CLASSES, label_edges
 
 # World frame: x, z horizontal, y up; the room is the box [0, X] x [0, Y] x [0, Z]; furniture is a set
 # of axis-aligned boxes. Camera frame follows the NYUv2 normals convention as we read it: x right (image

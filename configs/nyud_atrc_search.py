@@ -7,7 +7,7 @@
 # 10 epochs (theirs: check_val_every_n_epoch 10). Delta_m against ATRC Tab. 1's single task (semseg mIoU, depth
 # RMSE, normals mean; their 4th task's odsF needs the external SEISM benchmark: the edge row is the val loss).
 model = 'atrc'
-atrc_search = True
+search = True
 grad_clip = 10.0     # their search configs clip at 10
 out_dir = 'out/nyud_atrc_search'
 dataset = 'nyud'

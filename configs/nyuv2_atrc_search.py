@@ -7,7 +7,7 @@
 dataset = 'nyuv2'
 data_root = 'data/nyuv2'
 model = 'atrc'
-atrc_search = True   # ATRC's architecture search; the genotype found goes to out_dir/genotype.json, retrain it
+search = True   # ATRC's architecture search; the genotype found goes to out_dir/genotype.json, retrain it
                      # with configs/nyuv2_atrc.py --genotype=out/nyuv2_atrc_search/genotype.json
 grad_clip = 10.0     # the authors' search configs clip at 10
 out_dir = 'out/nyuv2_atrc_search'

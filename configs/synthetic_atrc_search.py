@@ -7,7 +7,7 @@ n_train = 320
 n_val = 100
 synthetic_size = (96, 128)
 model = 'atrc'
-atrc_search = True       # the architecture search; then train.py ... --genotype=OUT/genotype.json
+search = True            # the architecture search; then train.py ... --genotype=OUT/genotype.json
 grad_clip = 10.0         # the search's clipping (the authors' search configs)
 epochs = 5
 batch_size = 8

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines import ATRCDistillation, GlobalContext, LabelContext, LocalContext, atrc_genotype
+from atrc import (ATRCDistillation, GlobalContext, LabelContext, LocalContext, atrc_genotype, aux_loss, discretise,
+                  normals_centroids)
 from conftest import n_params, randomise
-from metrics import aux_loss, discretise, normals_centroids
 from model import build_model
 
 NYUD = {'semseg': 40, 'depth': 1, 'normals': 3, 'edge': 1}       # the ATRC paper's NYUD-v2 tasks
@@ -154,7 +154,7 @@ def test_genotype_rows_are_targets_and_the_authors_ids_load():
 
 def test_the_authors_genotype_files_load_as_they_are():
     """Their atrc_pascal_hrnet18.json layout ({"data": ..., "step": 40000}, ids, 'sal'): the PASCAL genotype."""
-    from model import ATRC_PASCAL
+    from atrc import ATRC_PASCAL
     ids = {'semseg': [3, 3, 4, 0, 4], 'human_parts': [3, 3, 4, 3, 4], 'sal': [3, 3, 3, 4, 3],
            'normals': [3, 3, 3, 3, 4], 'edge': [3, 3, 3, 1, 3]}                   # their file, rows = target
     order = ['semseg', 'human_parts', 'sal', 'normals', 'edge']
@@ -232,7 +232,7 @@ def test_global_context_never_forms_an_l_by_l_tensor():
 # the architecture search
 
 def test_search_schedules_at_start_middle_and_end():
-    from baselines import ATRCDistillation
+    from atrc import ATRCDistillation
     distill = ATRCDistillation(['semseg', 'depth'], None, 8, 4, search=True)
 
     def schedule(progress):
@@ -247,7 +247,7 @@ def test_search_schedules_at_start_middle_and_end():
 
 
 def test_search_blocks_offer_their_candidates_freeze_at_the_margin_and_take_the_argmax_at_eval():
-    from baselines import SearchedContext
+    from atrc import SearchedContext
     torch.manual_seed(0)
     diagonal, pair = SearchedContext(6, 4, diagonal=True), SearchedContext(6, 4, diagonal=False)
     assert diagonal.kinds == ('none', 'global', 'local', 'tlabel') and len(pair.arch_logits) == 5
@@ -280,7 +280,7 @@ def test_search_finds_a_genotype_that_the_fixed_model_retrains(synthetic_root, t
     root = synthetic_root
     out = str(tmp_path / 'search')
     args = [f'--data_root={root}', '--n_train=8', '--n_val=4', '--synthetic_size=32x64', '--batch_size=8',
-            '--vis_images=0', '--log_interval=1', '--lr=1e-3', '--model=atrc', '--atrc_search=True',
+            '--vis_images=0', '--log_interval=1', '--lr=1e-3', '--model=atrc', '--search=True',
             '--grad_clip=10', '--scheduler=none', '--augment=False']
     assert train.main(args + [f'--out_dir={out}', '--epochs=6', '--eval_interval=3']) == 0
     losses = [json.loads(line)['loss'] for line in open(os.path.join(out, 'log.jsonl')) if '"train"' in line]
@@ -289,7 +289,7 @@ def test_search_finds_a_genotype_that_the_fixed_model_retrains(synthetic_root, t
         genotype = json.load(f)
     assert set(genotype) == {'semseg', 'depth', 'normals'} and genotype['depth']['depth'] != 'slabel'
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
-    assert ckpt['arch_optimizer'] is not None
+    assert ckpt['own_optimizer'] is not None                      # the search's Adam over the arch logits
     fixed = str(tmp_path / 'fixed')
     assert train.main(args[:-5] + ['--model=atrc', f'--genotype={out}/genotype.json', f'--out_dir={fixed}',
                                    '--epochs=1']) == 0
@@ -304,8 +304,8 @@ def test_a_search_resumes_exactly(synthetic_root, tmp_path, monkeypatch):
     import train
     root = synthetic_root
     args = [f'--data_root={root}', '--n_train=8', '--n_val=4', '--synthetic_size=32x64', '--batch_size=2',
-            '--vis_images=0', '--log_interval=1', '--lr=1e-3', '--model=atrc', '--atrc_search=True',
-            '--epochs=2', '--max_iters=3']
+            '--vis_images=0', '--log_interval=1', '--lr=1e-3', '--model=atrc', '--search=True',
+            '--epochs=2', '--max_steps_per_epoch=3']
     whole, parts = str(tmp_path / 'whole'), str(tmp_path / 'parts')
     assert train.main(args + [f'--out_dir={whole}']) == 0
     compute, calls = train.compute_losses, {'n': 0}
@@ -357,10 +357,10 @@ def test_a_search_with_frozen_blocks_trains_under_torchrun(synthetic_root, tmp_p
     root = synthetic_root
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     driver = tmp_path / 'freeze_at_once.py'
-    driver.write_text("import sys, baselines, train\nbaselines.FREEZE_MARGIN = -1.0\nsys.exit(train.main(sys.argv[1:]))\n")
+    driver.write_text("import sys, atrc, train\natrc.FREEZE_MARGIN = -1.0\nsys.exit(train.main(sys.argv[1:]))\n")
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver),
            f'--data_root={root}', '--n_train=8', '--n_val=4', '--synthetic_size=32x64', '--batch_size=4',
-           '--model=atrc', '--atrc_search=True', '--epochs=1', '--max_iters=2', '--vis_images=0',
+           '--model=atrc', '--search=True', '--epochs=1', '--max_steps_per_epoch=2', '--vis_images=0',
            f'--out_dir={tmp_path / "out"}']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=here)
     run = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)

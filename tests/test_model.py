@@ -20,9 +20,9 @@ from timm.models.hrnet import HighResolutionModule
 
 from baselines import (MTINetFrontEnd, PADDistillation, PAPPropagation, FeaturePropagation, pap_affinity,
                        fpm_softmax)
+from atrc import ATRC_NYUD
 from conftest import n_params
-from model import (ATRC_NYUD, MODEL_NAMES, SWIN_MODEL_NAMES, CTALDistillation, HRNetBackbone, SwinBackbone,
-                   build_model)
+from model import MODEL_NAMES, SWIN_MODEL_NAMES, CTALDistillation, HRNetBackbone, SwinBackbone, build_model
 
 NYU = {'semseg': 13, 'depth': 1, 'normals': 3}
 CITY = {'semseg': 19, 'depth': 1}
@@ -737,10 +737,10 @@ def test_wrong_input_size_is_a_clear_error():
 def test_input_norm_is_the_authors_imagenet_normalisation_and_is_not_saved():
     """image_norm makes the model's first step (x - mean) / std per channel (the authors' PASCAL Normalize after
     / 255): same weights -> the plain model's outputs on the hand-normalised image; the state dict is the same,
-    and the canvas' mean colour becomes exactly 0. train.build_net sets it from the dataset (PASCAL only)."""
+    and the canvas' mean colour becomes exactly 0. model.build_net sets it from the dataset (PASCAL only)."""
     import data
     import train
-    from model import InputNorm
+    from model import InputNorm, build_net
     norm = (data.IMAGENET_MEAN, data.IMAGENET_STD)
     plain = build_model('mtl', CITY, (64, 64)).double().eval()
     normed = build_model('mtl', CITY, (64, 64), image_norm=norm).double().eval()
@@ -756,6 +756,6 @@ def test_input_norm_is_the_authors_imagenet_normalisation_and_is_not_saved():
     assert (InputNorm(*norm)(canvas) == 0).all()
     cfg = {'model': 'mtl', 'tasks': ['semseg'], 'backbone': 'hrnet18', 'pretrained': None, 'scale': 0.25,
            'gamma': 0.05, 'ctal_impl': 'auto', 'ctal_fusion': 'shared', 'pap_iters': 1, 'pap_affinity': 'code',
-           'fpm_softmax': 'code', 'hrnet_bn_momentum': None, 'genotype': None, 'atrc_search': False}
-    assert isinstance(train.build_net(dict(cfg, dataset='pascal'), (64, 64), 'cpu').input_norm, InputNorm)
-    assert isinstance(train.build_net(dict(cfg, dataset='nyuv2'), (64, 64), 'cpu').input_norm, torch.nn.Identity)
+           'fpm_softmax': 'code', 'hrnet_bn_momentum': None, 'genotype': None, 'search': False}
+    assert isinstance(build_net(dict(cfg, dataset='pascal'), (64, 64), 'cpu').input_norm, InputNorm)
+    assert isinstance(build_net(dict(cfg, dataset='nyuv2'), (64, 64), 'cpu').input_norm, torch.nn.Identity)

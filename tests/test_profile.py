@@ -104,7 +104,7 @@ def test_unknown_model_is_a_clear_error(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--batch", "0"], "argument --batch: expected a positive integer, got '0'"),
     (["--module", "ctal", "--iters", "-1"], "argument --iters: expected a positive integer"),
-    (["--img-size", "abc"], "size must look like 96x128"),
+    (["--img-size", "abc"], "expected a size HxW, e.g. 96x128"),
     (["--dataset", "pascal", "--models", "mtl", "--img-size", "100x100", "--iters", "1"],
      "positive multiples of 32"),
     (["--models", "mtl", "--img-size", "7x9", "--iters", "1"], "ints >= 32, got (7, 9)"),   # refused in the subprocess

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import model
 import predict
 import train
 from synthetic import make_synthetic
@@ -32,7 +33,7 @@ def synthetic_root(tmp_path_factory):
 def tiny_args(root, out, *extra):
     return [f'--data_root={root}', f'--out_dir={out}', '--n_train=8', '--n_val=4', f'--synthetic_size={SIZE}',
             '--batch_size=2', '--vis_images=2', '--log_interval=1', '--lr=1e-3', '--ctal_impl=linear',
-            '--model=mtl', '--max_iters=2', *extra]
+            '--model=mtl', '--max_steps_per_epoch=2', *extra]
 
 
 @pytest.fixture(scope='module')
@@ -306,9 +307,9 @@ def test_predict_prepares_a_pascal_image_as_the_evaluation_does():
     cfg = {'dataset': 'pascal', 'model': 'mtl', 'tasks': ['semseg', 'saliency'], 'backbone': 'hrnet18',
            'pretrained': None, 'scale': 0.25, 'gamma': 0.05, 'ctal_impl': 'auto', 'ctal_fusion': 'shared',
            'pap_iters': 1, 'pap_affinity': 'code', 'fpm_softmax': 'code', 'hrnet_bn_momentum': None,
-           'genotype': None, 'atrc_search': False}
+           'genotype': None, 'search': False}
     torch.manual_seed(0)
-    net = train.build_net(cfg, (64, 64), torch.device('cpu')).eval()
+    net = model.build_net(cfg, (64, 64), torch.device('cpu')).eval()
     seen = []
     net.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     image = torch.rand(3, 29, 37)
