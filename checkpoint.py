@@ -12,6 +12,8 @@ import os
 import platform
 import random
 import re
+import shlex
+import subprocess
 import time
 
 import numpy as np
@@ -193,4 +195,24 @@ def results_record(run):
             'best': {k: v for k, v in p.best.items() if k not in ('type', 'score')},
             'reference': {'source': run.reference_source, 'values': run.reference},
             'train_time_s': run.timing['before'] + time.time() - run.timing['start'],
-            'versions': versions(run.device, run.world), 'config': dict(cfg)}
+            'versions': versions(run.device, run.world), **provenance(run.argv), 'config': dict(cfg)}
+
+
+def git_state():
+    """{'commit', 'dirty'} of the checkout this code runs from (dirty: tracked files differ from the commit);
+    None, None outside a git checkout or without git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit, status = (subprocess.run(['git', '-C', here, *args], capture_output=True, text=True, timeout=30)
+                          for args in (['rev-parse', 'HEAD'], ['status', '--porcelain', '--untracked-files=no']))
+    except (OSError, subprocess.SubprocessError):
+        return {'commit': None, 'dirty': None}
+    if commit.returncode or status.returncode:
+        return {'commit': None, 'dirty': None}
+    return {'commit': commit.stdout.strip(), 'dirty': bool(status.stdout.strip())}
+
+
+def provenance(argv):
+    """Where a result comes from: the code's git state, the command line (train.py's arguments; a torchrun
+    launcher is not visible from inside) and its working directory, which relative paths in it refer to."""
+    return {'git': git_state(), 'command': shlex.join(['python', 'train.py', *argv]), 'cwd': os.getcwd()}

@@ -4,10 +4,13 @@
 by seed + epoch) and rank r takes every W-th index, so the union of the ranks' j-th batches is the
 one-process j-th batch; each sample's augmentation is drawn from an RNG seeded by (seed, epoch, index)
 alone (SeededAugmentation), whatever worker, rank or resume point loads it; BatchNorm statistics are
-taken over the global batch (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm over gloo on CPU). One process
-and W processes then compute the same step, to float rounding. Ctrl-C / SIGTERM stop every rank after the
+taken over the global batch (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm over gloo on CPU); every masked
+loss divides by the valid pixels of the global batch (metrics.global_counts). One process and W processes
+then compute the same step, to float rounding; so do micro-batches (micro_batches, gradient_sync), except for
+BatchNorm's batch statistics. One DataLoader per run (EpochBatches) keeps its workers across epochs. Ctrl-C / SIGTERM stop every rank after the
 same step (StopFlag), so the checkpoint then written is one state of the whole run.
 """
+import contextlib
 import os
 import signal
 import threading
@@ -21,16 +24,18 @@ import torch.nn as nn
 from config import UserError
 
 
-def setup_distributed(device, batch_size):
+def setup_distributed(device, batch_size, accum_steps=1):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (nccl on CUDA, gloo on CPU). Returns
-    (rank, world, device), on CUDA each process on its local rank's GPU."""
+    (rank, world, device), on CUDA each process on its local rank's GPU. The global batch must split into
+    world x accum_steps equal micro-batches."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
     if device.type == 'cuda':
         device = torch.device('cuda', local_rank if world > 1 else device.index or 0)
         torch.cuda.set_device(device)
-    if batch_size % world:
-        raise UserError(f"batch_size={batch_size} (the global batch) must divide among {world} processes")
+    if batch_size % (world * accum_steps):
+        raise UserError(f"batch_size={batch_size} (the global batch) must divide into {world} process(es) x "
+                        f"grad_accum_steps={accum_steps} equal micro-batches")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return rank, world, device
@@ -54,6 +59,16 @@ def differentiable_all_reduce(x):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)
         return all_reduce(x)
+
+
+def micro_batches(batch, n):
+    """A rank's batch cut into n equal micro-batches (grad_accum_steps), whose gradients add up to the batch's."""
+    return [batch] if n == 1 else [dict(zip(batch, parts)) for parts in zip(*(v.chunk(n) for v in batch.values()))]
+
+
+def gradient_sync(model, last):
+    """DDP all-reduces the gradients in the last micro-batch's backward only (no_sync before it)."""
+    return contextlib.nullcontext() if last or not hasattr(model, 'no_sync') else model.no_sync()
 
 
 class CPUSyncBatchNorm(nn.BatchNorm2d):
@@ -103,17 +118,19 @@ def convert_sync_batchnorm(module, device):
 
 class SeededAugmentation(torch.utils.data.Dataset):
     """Each sample's augmentation draws from a torch RNG seeded by (seed, epoch, index) alone, so a sample
-    is the same whatever the worker, rank or resume point that loads it."""
+    is the same whatever the worker, rank or resume point that loads it. Indexed by (epoch, index) (what
+    EpochBatches yields: the epoch travels with the index to long-lived workers) or by index (epoch 0)."""
 
     def __init__(self, dataset, seed):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
             return self.dataset[i]
 
 
@@ -127,6 +144,24 @@ def epoch_batches(n, epoch, cfg, rank, world, start=0):
     order, b = list(sampler), cfg['batch_size'] // world
     batches = [order[i:i + b] for i in range(0, len(order) - b + 1, b)]
     return batches[:cfg['max_steps_per_epoch'] or None][start:]
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The batch sampler of one DataLoader for the whole run (its workers persist across epochs): this rank's
+    epoch_batches of the epoch last set (`set_epoch`), each index paired with its epoch for SeededAugmentation."""
+
+    def __init__(self, n, cfg, rank, world):
+        self.n, self.cfg, self.rank, self.world, self.epoch, self.start = n, cfg, rank, world, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        batches = epoch_batches(self.n, self.epoch, self.cfg, self.rank, self.world, self.start)
+        return iter([[(self.epoch, i) for i in batch] for batch in batches])
+
+    def __len__(self):
+        return len(epoch_batches(self.n, self.epoch, self.cfg, self.rank, self.world, self.start))
 
 
 class Interrupted(Exception):

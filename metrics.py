@@ -1,9 +1,10 @@
 """Per-task losses, evaluation meters and the MTL gain (delta_m): every number a table reports.
 
-Data flow (train.py is the only user):
+Data flow (train.py is the only user; results.py reads the tables):
   training:   losses = compute_losses(out, batch, tasks, loss_options(cfg), the model's extra losses): per task
               the final prediction's task_loss + the mean of its initial ones; loss = sum_t w_t * losses[t]
-  evaluation: meters = build_meters(tasks); for each val batch: meters[t].update(pred_t, target_t);
+  evaluation: evaluate(net, loader, ...): meters = build_meters(tasks); for each val batch:
+              meters[t].update(pred_t, target_t) (and on each initial prediction);
               under DDP meters[t].all_reduce() once at the end; meters[t].compute() -> {name: float};
               delta_m({t: results[t][TASK_METRIC[t][0]]}, STL_REFERENCE[(dataset, backbone)]).
 Predictions are the raw model outputs at target resolution, (B, K, H, W): semseg / human_parts logits,
@@ -14,7 +15,8 @@ normals (B, 3, H, W) with the all-zero vector = invalid; saliency / edge (B, 1, 
 Definitions (the papers' metrics, CTAL paper Sec. 3.2 and its appendix; the formulas are repeated next
 to the code that computes them):
 Losses, each a mean over the valid pixels of the whole batch (a batch with no valid pixel gives an exact 0
-that is still attached to the graph, never NaN):
+that is still attached to the graph, never NaN); in training the whole batch is the global one: with `counts`
+(loss_counts summed over ranks and micro-batches, global_counts) each rank's loss is its share of that mean:
   semseg / human_parts  cross-entropy, 255 ignored.
   depth                 L1 = mean |p - g| over pixels with g != 0.
   normals               1 - mean <p/max(|p|, eps), g> over pixels whose target vector is non-zero.
@@ -58,6 +60,7 @@ benchmark, so its delta_m covers semseg, depth and normals).
 
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -78,6 +81,7 @@ SAL_BETA2 = 0.3
 SEG_TASKS = ('semseg', 'human_parts')
 # channels each non-segmentation task predicts (segmentation: one per class)
 TASK_CHANNELS = {'depth': 1, 'normals': 3, 'saliency': 1, 'edge': 1}
+TASKS = SEG_TASKS + tuple(TASK_CHANNELS)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -107,26 +111,45 @@ def _check(task, pred, target, channels=None):
 
 # ---------------------------------------------------------------------------------------------- losses
 
-def segmentation_loss(pred, target, task='semseg'):
+def valid_pixels(task, target):
+    """The pixels a task's loss averages over: (B, H, W) bool for segmentation / normals, (B, 1, H, W) else."""
+    if task == 'normals':
+        return (target != 0).any(dim=1)
+    return target != 0 if task == 'depth' else target != IGNORE
+
+
+def loss_counts(task, target):
+    """What the masked loss of `task` divides by: (2,) int64, (valid pixels, valid negatives: they set the
+    saliency balance). Summed over a global batch (all ranks and micro-batches, train.py), the sums make each
+    rank's loss its share of the one-process mean of that batch: `task_loss(..., counts=sums)`."""
+    valid = valid_pixels(task, target)
+    return torch.stack([valid.sum(), (valid & (target < 0.5)).sum() if task in ('saliency', 'edge')
+                        else torch.zeros_like(valid.sum())])
+
+
+def _mean(total, n_valid, counts):
+    """total / the valid pixels of this batch (n_valid), or of the global batch (`counts`); 0, not NaN, for none."""
+    return total / (n_valid if counts is None else counts[0]).clamp(min=1)
+
+
+def segmentation_loss(pred, target, task='semseg', counts=None):
     """Cross-entropy over the non-ignored pixels. pred (B, K, H, W) logits, target (B, H, W) int64."""
     _check(task, pred, target)
-    n_valid = (target != IGNORE).sum()
     ce = F.cross_entropy(pred.float(), target, ignore_index=IGNORE, reduction='sum')
-    return ce / n_valid.clamp(min=1)   # sum / count instead of 'mean': 0 rather than NaN when all ignored
+    return _mean(ce, (target != IGNORE).sum(), counts)
 
 
-def depth_loss(pred, target):
+def depth_loss(pred, target, counts=None):
     """L1 over pixels with valid depth (target != 0). pred, target (B, 1, H, W)."""
     _check('depth', pred, target)
     valid = target != 0
-    err = torch.where(valid, (pred.float() - target).abs(), 0.0)
-    return err.sum() / valid.sum().clamp(min=1)
+    return _mean(torch.where(valid, (pred.float() - target).abs(), 0.0).sum(), valid.sum(), counts)
 
 
 NORMALS_LOSSES = ('cosine', 'l1')
 
 
-def normals_loss(pred, target, form='cosine'):
+def normals_loss(pred, target, form='cosine', counts=None):
     """Loss of the normalised prediction against the (unit) target over valid pixels (an all-zero target
     vector is invalid). pred (B, 3, H, W) unnormalised, target (B, 3, H, W).
     'cosine': mean over valid pixels of 1 - cos (the CTAL authors' CNN code, NYUv2 / Cityscapes).
@@ -141,59 +164,53 @@ def normals_loss(pred, target, form='cosine'):
         err = (unit - target).abs().sum(1)
     else:
         raise ValueError(f"normals_loss={form!r}: expected one of {NORMALS_LOSSES}")
-    # mean over valid pixels, but 0 (not NaN) when there is no valid pixel
-    return torch.where(valid, err, 0.0).sum() / valid.sum().clamp(min=1)
+    return _mean(torch.where(valid, err, 0.0).sum(), valid.sum(), counts)
 
 
-def _balanced_bce_sum(logits, target, pos_weight=None):
-    """Weighted per-pixel BCE summed over the valid pixels, and the number of valid pixels.
-    logits, target (B, 1, H, W); pos_weight None = the batch's fraction of negatives (saliency)."""
+def _balanced_bce_sum(logits, target, pos_weight=None, counts=None):
+    """Weighted per-pixel BCE summed over the valid pixels, and the number of valid pixels. logits, target
+    (B, 1, H, W); pos_weight None = the fraction of negatives among the valid pixels (saliency) of this
+    batch, or of the global batch (`counts`)."""
     valid = target != IGNORE
     pos = valid & (target >= 0.5)
     neg = valid & ~pos
-    n_valid = valid.sum()
-    w = neg.sum().to(logits.dtype) / n_valid.clamp(min=1) if pos_weight is None else pos_weight
+    if pos_weight is None:
+        n_valid, n_neg = (valid.sum(), neg.sum()) if counts is None else counts
+        pos_weight = n_neg.to(logits.dtype) / n_valid.clamp(min=1)
     # -log sigmoid(x) on positives, -log(1 - sigmoid(x)) on negatives, in the stable logits form
     bce = F.binary_cross_entropy_with_logits(logits, pos.to(logits.dtype), reduction='none')
-    weight = pos.to(logits.dtype) * w + neg.to(logits.dtype) * (1 - w)   # 0 on ignored pixels
-    return (weight * bce).sum(), n_valid
+    weight = pos.to(logits.dtype) * pos_weight + neg.to(logits.dtype) * (1 - pos_weight)   # 0 on ignored pixels
+    return (weight * bce).sum(), valid.sum()
 
 
-def saliency_loss(pred, target):
+def saliency_loss(pred, target, counts=None):
     """Balanced BCE, positives weighted by the batch's fraction of negatives. pred logits (B, 1, H, W)."""
     _check('saliency', pred, target)
-    total, n_valid = _balanced_bce_sum(pred.float(), target)
-    return total / n_valid.clamp(min=1)
+    return _mean(*_balanced_bce_sum(pred.float(), target, counts=counts), counts)
 
 
-def edge_loss(pred, target, pos_weight=EDGE_POS_WEIGHT):
+def edge_loss(pred, target, pos_weight=EDGE_POS_WEIGHT, counts=None):
     """Balanced BCE with a fixed positive weight (the dataset's). pred logits (B, 1, H, W), target (B, 1, H, W)."""
     _check('edge', pred, target)
-    total, n_valid = _balanced_bce_sum(pred.float(), target, pos_weight)
-    return total / n_valid.clamp(min=1)
+    return _mean(*_balanced_bce_sum(pred.float(), target, pos_weight, counts), counts)
 
 
-TASK_LOSS = {
-    'semseg': lambda pred, target: segmentation_loss(pred, target, 'semseg'),
-    'human_parts': lambda pred, target: segmentation_loss(pred, target, 'human_parts'),
-    'depth': depth_loss,
-    'normals': normals_loss,
-    'saliency': saliency_loss,
-    'edge': edge_loss,
-}
-
-
-def task_loss(task, pred, target, normals_form='cosine', edge_pos_weight=EDGE_POS_WEIGHT):
-    """The loss of `task` (a key of TASK_LOSS) on a prediction at target resolution: a scalar tensor.
-    normals_form: the form of the normals loss ('cosine' | 'l1', see `normals_loss`); edge_pos_weight: the
-    edge loss's positive weight (the dataset's)."""
-    if task not in TASK_LOSS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_LOSS)}")
+def task_loss(task, pred, target, normals_form='cosine', edge_pos_weight=EDGE_POS_WEIGHT, counts=None):
+    """The loss of `task` on a prediction at target resolution: a scalar tensor, the mean over the valid pixels
+    of this batch, or with `counts` (loss_counts summed over a global batch) this batch's share of the global
+    mean. normals_form: the form of the normals loss ('cosine' | 'l1', see `normals_loss`); edge_pos_weight:
+    the edge loss's positive weight (the dataset's)."""
+    if task in SEG_TASKS:
+        return segmentation_loss(pred, target, task, counts)
     if task == 'normals':
-        return normals_loss(pred, target, normals_form)
+        return normals_loss(pred, target, normals_form, counts)
     if task == 'edge':
-        return edge_loss(pred, target, edge_pos_weight)
-    return TASK_LOSS[task](pred, target)
+        return edge_loss(pred, target, edge_pos_weight, counts)
+    if task == 'depth':
+        return depth_loss(pred, target, counts)
+    if task == 'saliency':
+        return saliency_loss(pred, target, counts)
+    raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
 
 
 def loss_options(cfg):
@@ -202,20 +219,42 @@ def loss_options(cfg):
             'edge_pos_weight': DATASETS[cfg['dataset']].get('edge_pos_weight', EDGE_POS_WEIGHT)}
 
 
-def compute_losses(out, batch, tasks, options=None, extra=None):
+def initial_predictions(out, task):
+    """{name: prediction} of a task's initial predictions in a model's output: none, one, or one per scale of the
+    multi-scale models (named task@1/4 ... task@1/32)."""
+    initial = out['initial'].get(task)
+    if isinstance(initial, (list, tuple)):
+        return {f"{task}@1/{4 * 2 ** k}": p for k, p in enumerate(initial)}
+    return {} if initial is None else {task: initial}
+
+
+def compute_losses(out, batch, tasks, options=None, extra=None, counts=None, world=1):
     """Per task L_initial + L_final (deep supervision, CTAL paper Sec. 2) + extra[task] (the model's
     `extra_losses`): {task: scalar}. 'initial' holds a tensor, or for the multi-scale models a list of per-scale
-    predictions (their mean loss), or nothing (stl / mtl). options: `loss_options` (None: the defaults)."""
+    predictions (their mean loss), or nothing (stl / mtl). options: `loss_options` (None: the defaults).
+    counts: {task: loss_counts summed over the global batch} (None: the means over this batch): then the masked
+    losses are this batch's share of the global batch's mean, times `world` since DDP averages the ranks'
+    gradients, so that W ranks (and micro-batches) compute one process's step whatever each image's valid pixels."""
     options, extra, losses = options or {}, extra or {}, {}
     for t in tasks:
-        initial = out['initial'].get(t)
-        initial = [] if initial is None else initial if isinstance(initial, (list, tuple)) else [initial]
-        losses[t] = task_loss(t, out[t], batch[t], **options)
+        kw = dict(options, counts=None if counts is None else counts[t])
+        initial = list(initial_predictions(out, t).values())
+        losses[t] = task_loss(t, out[t], batch[t], **kw)
         if initial:
-            losses[t] = losses[t] + sum(task_loss(t, p, batch[t], **options) for p in initial) / len(initial)
+            losses[t] = losses[t] + sum(task_loss(t, p, batch[t], **kw) for p in initial) / len(initial)
+        if world != 1:
+            losses[t] = losses[t] * world
         if t in extra:
             losses[t] = losses[t] + extra[t]
     return losses
+
+
+def global_counts(batch, tasks):
+    """{task: loss_counts of `batch`, summed over the ranks}: the denominators of compute_losses(counts=...)."""
+    counts = torch.stack([loss_counts(t, batch[t]) for t in tasks])                     # (T, 2) int64
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return dict(zip(tasks, counts))
 
 
 # ---------------------------------------------------------------------------------------------- meters
@@ -411,8 +450,53 @@ def build_meters(tasks, edge_pos_weight=EDGE_POS_WEIGHT):
             meters[task] = EdgeMeter(edge_pos_weight) if task == 'edge' else \
                 {'depth': DepthMeter, 'normals': NormalsMeter, 'saliency': SaliencyMeter}[task]()
         else:
-            raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_LOSS)}")
+            raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
     return meters
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+def run_meters(cfg, tasks):
+    """build_meters for `tasks` of a train.py config (its dataset's channels and edge weight)."""
+    return build_meters({t: DATASETS[cfg['dataset']]['tasks'][t] for t in tasks}, loss_options(cfg)['edge_pos_weight'])
+
+
+@torch.no_grad()
+def evaluate(net, loader, cfg, device, reference, autocast, world=1, say=print):
+    """The network over a val loader (under DDP this rank's share; sums all-reduced): {'val_loss' = sum_t w_t
+    L_final_t averaged over images, 'delta_m' against `reference` (None without one), 'metrics', 'initial_metrics'
+    (the meters on the initial predictions, which the CTAL authors print beside the final ones)}; a progress
+    line every cfg.eval_log_interval batches (through `say`)."""
+    net.eval()
+    options, t0 = loss_options(cfg), time.time()
+    meters, initial = run_meters(cfg, cfg['tasks']), {}
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)       # (sum of image losses, images)
+    for j, batch in enumerate(loader):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        with autocast:
+            out = net(batch['image'])
+        for t in cfg['tasks']:
+            pred = out[t].float()                                     # bf16 autocast: meters and loss in float32
+            meters[t].update(pred, batch[t])
+            loss_sum[0] += cfg['loss_weights'][t] * float(task_loss(t, pred, batch[t], **options)) * len(pred)
+            for name, p in initial_predictions(out, t).items():
+                if name not in initial:
+                    initial[name] = run_meters(cfg, [t])[t]
+                initial[name].update(p.float(), batch[t])
+        loss_sum[1] += len(batch['image'])
+        if cfg['eval_log_interval'] and (j + 1) % cfg['eval_log_interval'] == 0 and j + 1 < len(loader):
+            rate = (j + 1) / (time.time() - t0)                       # batches per second
+            say(f"  eval batch {j + 1}/{len(loader)} | {rate * len(batch['image']) * world:.1f} img/s | "
+                f"ETA {(len(loader) - j - 1) / rate:.0f} s")
+    for m in list(meters.values()) + list(initial.values()):
+        m.all_reduce()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    net.train()
+    metrics = {t: m.compute() for t, m in meters.items()}
+    dm = delta_m({t: metrics[t] for t in reference}, reference, gain_metrics(cfg['dataset'])) if reference else None
+    return {'val_loss': float(loss_sum[0] / loss_sum[1].clamp(min=1)), 'delta_m': dm, 'metrics': metrics,
+            'initial_metrics': {name: m.compute() for name, m in initial.items()}}
 
 
 # ---------------------------------------------------------------------------------------------- MTL gain
@@ -445,9 +529,6 @@ def delta_m(results, baseline, metrics=TASK_METRIC):
     return 100 * total / len(results)
 
 
-# The papers' single-task baselines, in the meters' units (mIoU / maxF in %, depth rel_err a ratio (nyud:
-# RMSE), normals mean angle in degrees, edge loss). hrnet18: EMA-Net / CTAL papers, Table 1 (CNN), nyud: ATRC
-# Tab. 1; swinv2_s: CTAL paper, Tables 2 (NYUv2, transformer) and 3 (PASCAL-Context, transformer).
 # NYUD-v2 (NYUD_MT) with HRNet-18 as the ATRC and TIF papers print it (5-seed means): mIoU %, depth RMSE (m),
 # normals mean angle, edge odsF % (the external SEISM benchmark: not a meter here). Single task, ATRC's
 # multi-task baseline, ATRC (ATRC Tab. 1), ATRC + FPM (ATRC Tab. 2), TIF (TIF Tab. 3).
@@ -458,14 +539,32 @@ PAPER_NYUD_HRNET18 = {
     'atrc_ms': {'semseg': 40.80, 'depth': 0.5826, 'normals': 20.51, 'edge': 76.50},
     'tif': {'semseg': 40.28, 'depth': 0.594, 'normals': 20.34, 'edge': 76.92},
 }
-STL_REFERENCE = {
-    ('nyuv2', 'hrnet18'): {'semseg': 49.23, 'depth': 0.1636, 'normals': 23.15},
-    ('nyud', 'hrnet18'): {t: v for t, v in PAPER_NYUD_HRNET18['atrc_stl'].items() if t != 'edge'},   # no odsF
-    ('cityscapes', 'hrnet18'): {'semseg': 48.89, 'depth': 29.91},
-    ('nyuv2', 'swinv2_s'): {'semseg': 55.78, 'depth': 0.1570, 'normals': 24.59},
-    ('pascal', 'swinv2_s'): {'semseg': 74.07, 'human_parts': 64.28, 'saliency': 83.95,
-                             'normals': 16.03, 'edge': 0.0241},
+_NYU, _CS = ('semseg', 'depth', 'normals'), ('semseg', 'depth')
+_PASCAL = ('semseg', 'human_parts', 'saliency', 'normals', 'edge')
+# The papers' results per (dataset, backbone): (where printed, {model: {task: gain metric}}), in the meters'
+# units (mIoU / maxF in %, depth rel_err a ratio (nyud: RMSE), normals mean angle in degrees, edge loss; NYUD's
+# edge odsF is left out: no meter here). The first row is the single-task baseline, delta_m's reference.
+PAPER_RESULTS = {
+    ('nyuv2', 'hrnet18'): ("CTAL Tab. 1 (= EMA-Net Tab. 1), concat: CTAL Tab. 4", {m: dict(zip(_NYU, v)) for m, v in {
+        'stl': (49.23, 0.1636, 23.15), 'mtl': (49.25, 0.1658, 24.16), 'padnet': (50.23, 0.1622, 23.63),
+        'papnet': (50.00, 0.1615, 23.78), 'ctal_ss': (51.59, 0.1607, 22.84), 'mtinet': (51.51, 0.1538, 23.50),
+        'ctal_ms': (52.70, 0.1529, 22.99), 'concat': (50.01, 0.1634, 23.65)}.items()}),
+    ('cityscapes', 'hrnet18'): ("CTAL Tab. 1 (= EMA-Net Tab. 1), concat: CTAL Tab. 4", {m: dict(zip(_CS, v)) for m, v in {
+        'stl': (48.89, 29.91), 'mtl': (49.78, 31.80), 'padnet': (50.67, 27.37), 'papnet': (50.82, 26.97),
+        'ctal_ss': (51.36, 23.84), 'mtinet': (51.77, 29.90), 'ctal_ms': (51.94, 22.89),
+        'concat': (50.33, 26.92)}.items()}),
+    ('nyuv2', 'swinv2_s'): ("CTAL Tab. 2", {m: dict(zip(_NYU, v)) for m, v in {
+        'stl': (55.78, 0.1570, 24.59), 'mtl': (57.07, 0.1500, 24.76), 'padnet': (57.40, 0.1469, 23.70),
+        'papnet': (56.80, 0.1500, 23.73), 'ctal_ss': (58.06, 0.1491, 23.27)}.items()}),
+    ('pascal', 'swinv2_s'): ("CTAL Tab. 3", {m: dict(zip(_PASCAL, v)) for m, v in {
+        'stl': (74.07, 64.28, 83.95, 16.03, 0.0241), 'mtl': (72.99, 60.13, 82.93, 16.76, 0.0236),
+        'padnet': (73.27, 60.22, 83.40, 16.44, 0.0235), 'papnet': (72.75, 60.32, 83.22, 16.52, 0.0235),
+        'ctal_ss': (73.98, 61.14, 83.50, 15.96, 0.0210)}.items()}),
+    ('nyud', 'hrnet18'): ("ATRC Tabs. 1-2, TIF Tab. 3 (without odsF)",
+                          {m: {t: v for t, v in row.items() if t != 'edge'} for m, row in PAPER_NYUD_HRNET18.items()}),
 }
+# the papers' single-task baselines, each table's first row
+STL_REFERENCE = {key: next(iter(rows.values())) for key, (_, rows) in PAPER_RESULTS.items()}
 
 
 def load_reference(cfg):

@@ -5,15 +5,17 @@
     python train.py configs/nyuv2_ctal_ss.py --eval_only=True          # score out_dir/ckpt.pt (or --init_from)
 
 Configuration: the annotated defaults below, then config files in order, then `--key=value` (config.py).
-A step: batch (augmentation seeded by (seed, epoch, index)) -> model(images) -> per task L_final + L_initial
-+ the model's extra losses (metrics.compute_losses), all-reduced (a NaN on any rank stops every rank) -> loss =
-sum_t w_t L_t + the model's regulariser -> backward -> clip -> Adam or SGD and the model's own optimiser (the
-hooks: model.MultiTaskModel). The LR steps per epoch ('poly': per step). A run is `epochs` epochs or `iters`
+A step: batch (augmentation seeded by (seed, epoch, index)) -> per micro-batch (grad_accum_steps): model(images)
+-> per task L_final + L_initial, means over the global batch's valid pixels, + the model's extra losses
+(metrics.compute_losses) -> loss = sum_t w_t L_t + the model's regulariser -> backward; the losses all-reduced
+(a NaN on any rank stops every rank) -> clip -> Adam or SGD and the model's own optimiser (the hooks:
+model.MultiTaskModel). The LR steps per epoch ('poly': per step). A run is `epochs` epochs or `iters`
 steps; every `eval_interval` epochs: val metrics, delta_m, the PNG grid, best.pt, the model's artifacts, then
 ckpt.pt (atomically). `batch_size` is global and BatchNorm synchronised: 1 and W processes compute the same
 step (ddp.py); a resumed run repeats the uninterrupted one exactly on CPU (checkpoint.py). out_dir:
 config.json, log.jsonl, results.json, vis_epochNNN.png, curves.png (vis.py), ckpt.pt, best.pt.
 """
+import contextlib
 import math
 import os
 import sys
@@ -24,15 +26,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from baselines import FPM_SOFTMAXES, PAP_AFFINITIES
-from checkpoint import (Progress, append_record, check_out_dir, check_resume, load_checkpoint, load_weights, restore_run,
-                        results_record, save_best, save_run, write_json)
+from checkpoint import (Progress, append_record, check_out_dir, check_resume, load_checkpoint, load_weights, provenance,
+                        restore_run, results_record, save_best, save_run, write_json)
 from config import JsonFile, Size, UserError, parse_config as read_config
 from ctal import CTAL, FUSIONS, IMPLS
 from data import DATASETS, build_dataset, resolve_tasks
-from ddp import (Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, epoch_batches, setup_distributed,
-                 wrap_distributed)
-from metrics import (NORMALS_LOSSES, build_meters, compute_losses, delta_m, format_delta, format_metrics,
-                     gain_metrics, load_reference, loss_options, task_loss)
+from ddp import (EpochBatches, Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, gradient_sync,
+                 micro_batches, setup_distributed, wrap_distributed)
+from metrics import (NORMALS_LOSSES, compute_losses, evaluate as evaluate_model, format_delta, format_metrics,
+                     gain_metrics, global_counts, load_reference, loss_options)
 from model import BACKBONES, MODEL_NAMES, build_net, check_device_name, pick_device
 from synthetic import make_synthetic
 from vis import save_curves, save_val_grid
@@ -68,7 +70,8 @@ init_from: str | None = None          # fine-tune from / evaluate this project's
 # optimisation
 epochs: int = 200                     # training epochs (unless iters > 0)
 iters: int = 0                        # > 0: train for exactly this many steps instead (configs/recipe_*.py count them)
-batch_size: int = 8                   # global batch (split across DDP ranks)
+batch_size: int = 8                   # global batch (split across DDP ranks and micro-batches)
+grad_accum_steps: int = 1             # micro-batches per step (gradients summed): batch_size / (world x this) at a time
 optimizer: str = 'adam'               # adam (the CTAL authors') | sgd (momentum 0.9: configs/recipe_*.py)
 lr: float = 1e-4                      # learning rate
 weight_decay: float = 1e-4            # weight decay (an L2 term in the gradient, as torch's Adam and SGD)
@@ -82,6 +85,7 @@ max_steps_per_epoch: int = 0          # > 0: at most this many steps per epoch (
 # evaluation, logging, output
 eval_interval: int = 1                # epochs between evaluations (the last epoch is always evaluated)
 log_interval: int = 20                # steps between log lines
+eval_log_interval: int = 50           # evaluation: a progress line every this many batches (0 = none)
 vis_images: int = 4                   # validation images in the PNG grid (0 = none)
 stl_results: str | None = None        # results.json of an STL run: the delta_m reference (else the papers')
 out_dir: str | None = None            # None = out/<dataset>_<model>[_<backbone> if not hrnet18]
@@ -90,7 +94,8 @@ eval_only: bool = False               # score a checkpoint (init_from, else out_
 # system
 seed: int = 0                         # seeds the weights, the epoch order and the augmentation
 device: str = 'auto'                  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-num_workers: int = 0                  # DataLoader worker processes
+num_workers: int = 0                  # DataLoader worker processes (kept alive for the whole run)
+tf32: bool = True                     # CUDA: TF32 matmuls and convolutions (False: full float32 products)
 bf16: bool = False                    # bf16 autocast (CUDA only)
 compile: bool = False                 # torch.compile the training model (the first steps pay the compile time)
 sync_bn: bool = True                  # DDP: BatchNorm statistics over the global batch, as one process would
@@ -104,13 +109,15 @@ SGD_MOMENTUM = 0.9              # the SGD recipes'
 CHOICES = {'dataset': tuple(DATASETS), 'model': MODEL_NAMES, 'backbone': BACKBONES, 'ctal_impl': IMPLS,
            'ctal_fusion': FUSIONS, 'pap_affinity': PAP_AFFINITIES, 'fpm_softmax': FPM_SOFTMAXES,
            'scheduler': SCHEDULERS, 'optimizer': OPTIMIZERS, 'normals_loss': NORMALS_LOSSES}
-AT_LEAST = {'epochs': 1, 'iters': 0, 'batch_size': 1, 'eval_interval': 1, 'log_interval': 1, 'n_train': 1, 'n_val': 1,
+AT_LEAST = {'epochs': 1, 'iters': 0, 'batch_size': 1, 'grad_accum_steps': 1, 'eval_interval': 1, 'log_interval': 1,
+            'eval_log_interval': 0, 'n_train': 1, 'n_val': 1,
             'restart_period': 1, 'restart_mult': 1, 'max_steps_per_epoch': 0, 'vis_images': 0, 'grad_clip': 0,
             'weight_decay': 0, 'num_workers': 0, 'seed': 0, 'synthetic_seed': 0,
             'synthetic_size': 32, 'img_size': 32}          # sizes: the backbones' smallest input
 # what a resumed run may change; any other difference from the checkpoint's config is refused
 RESUMABLE_CHANGES = ('data_root', 'out_dir', 'resume', 'eval_only', 'epochs', 'eval_interval', 'log_interval',
-                     'vis_images', 'stl_results', 'device', 'num_workers', 'bf16', 'ctal_impl', 'compile')
+                     'eval_log_interval', 'vis_images', 'stl_results', 'device', 'num_workers', 'bf16', 'ctal_impl',
+                     'compile', 'tf32', 'grad_accum_steps')
 
 
 class NonFiniteLoss(UserError):
@@ -157,9 +164,11 @@ def build_datasets(cfg, rank):
     return SeededAugmentation(train_set, cfg.seed), val_set, tuple(val_set.size)
 
 
-def make_loader(dataset, batches, cfg, device, seed=0):
+def make_loader(dataset, batches, cfg, device):
+    """A DataLoader over `batches` (lists of indices, or a batch sampler) whose workers live as long as the run."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                       pin_memory=device.type == 'cuda', generator=torch.Generator().manual_seed(seed))
+                                       pin_memory=device.type == 'cuda', persistent_workers=cfg.num_workers > 0,
+                                       generator=torch.Generator().manual_seed(cfg.seed))   # not the global RNG
 
 
 def to_device(batch, device):
@@ -191,34 +200,10 @@ def autocast(cfg, device):
     return torch.autocast('cuda', dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == 'cuda')
 
 
-@torch.no_grad()
 def evaluate(run):
-    """The model on the whole val split (this rank: every world-th image; sums all-reduced): {'val_loss' =
-    sum_t w_t L_final_t averaged over images, 'delta_m' (None without a reference), 'metrics'}."""
-    cfg, device, net = run.cfg, run.device, run.raw_model
-    net.eval()
-    options = loss_options(cfg)
-    meters = build_meters({t: DATASETS[cfg.dataset]['tasks'][t] for t in cfg.tasks}, options['edge_pos_weight'])
-    indices = list(range(run.rank, len(run.val_set), run.world))
-    b = max(1, cfg.batch_size // run.world)
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)       # (sum of image losses, images)
-    for batch in make_loader(run.val_set, [indices[i:i + b] for i in range(0, len(indices), b)], cfg, device):
-        batch = to_device(batch, device)
-        with autocast(cfg, device):
-            out = net(batch['image'])
-        for t in cfg.tasks:
-            pred = out[t].float()                                     # bf16 autocast: meters and loss in float32
-            meters[t].update(pred, batch[t])
-            loss_sum[0] += cfg.loss_weights[t] * float(task_loss(t, pred, batch[t], **options)) * len(batch['image'])
-        loss_sum[1] += len(batch['image'])
-    for m in meters.values():
-        m.all_reduce()
-    all_reduce_sum(loss_sum)
-    net.train()
-    metrics = {t: m.compute() for t, m in meters.items()}
-    dm = (delta_m({t: metrics[t] for t in run.reference}, run.reference, gain_metrics(cfg.dataset))
-          if run.reference else None)
-    return {'val_loss': float(loss_sum[0] / loss_sum[1].clamp(min=1)), 'delta_m': dm, 'metrics': metrics}
+    """metrics.evaluate of the run's network on its val loader."""
+    return evaluate_model(run.raw_model, run.val_loader, run.cfg, run.device, run.reference, autocast(run.cfg, run.device),
+                          run.world, run.say)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -228,24 +213,30 @@ class Run:
     torch.compile-wrapped, else the same module), the data, optimisers, schedule, delta_m reference, Progress;
     checkpoint.save_run / restore_run write and read them."""
 
-    def __init__(self, cfg, rank, world, device, net, train_set, val_set):
-        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+    def __init__(self, cfg, rank, world, device, net, train_set, val_set, argv=()):
+        self.cfg, self.rank, self.world, self.device, self.argv = cfg, rank, world, device, list(argv)
         self.master = rank == 0
         self.raw_model, self.model = wrap_distributed(net, device, world, cfg.sync_bn)
         net, self.train_set, self.val_set = self.raw_model, train_set, val_set
         if cfg.compile:                     # training steps only; evaluation runs the eager net (same weights)
             self.model = torch.compile(self.model)
         # the run's length: `iters` steps, else `epochs` whole epochs (the last epoch may end early)
-        self.steps_per_epoch = len(epoch_batches(len(train_set), 0, cfg, rank, world))
+        self.train_batches = EpochBatches(len(train_set), cfg, rank, world)
+        self.steps_per_epoch = len(self.train_batches)
         self.total_steps = cfg.iters or self.steps_per_epoch * cfg.epochs
         self.epochs = -(-self.total_steps // self.steps_per_epoch) if self.steps_per_epoch else cfg.epochs
         self.own_optimizer = net.own_optimizer()                # the model's own (a search's arch logits)
         own = {id(p) for group in (self.own_optimizer.param_groups if self.own_optimizer else []) for p in group['params']}
         self.optimizer = make_optimizer([p for p in net.parameters() if id(p) not in own], cfg)
+        self.optimizers = [self.optimizer] + ([self.own_optimizer] if self.own_optimizer else [])
         self.scheduler = make_scheduler(self.optimizer, cfg, self.epochs, self.total_steps)
         self.reference, self.reference_source = load_reference(cfg)
         self.progress = Progress()
         self.timing = {'start': time.time(), 'before': 0.0, 'first_step': 0}
+        # one loader each for the run; evaluation: this rank's every world-th image, batch_size / world at a time
+        self.train_loader = make_loader(train_set, self.train_batches, cfg, device)
+        indices, b = list(range(rank, len(val_set), world)), max(1, cfg.batch_size // world)
+        self.val_loader = make_loader(val_set, [indices[i:i + b] for i in range(0, len(indices), b)], cfg, device)
 
     def path(self, name):
         return os.path.join(self.cfg.out_dir, name)
@@ -264,30 +255,35 @@ class Run:
             append_record(self.path('log.jsonl'), record)
 
 def train_step(run, batch):
-    """One optimiser step; the per-task losses averaged over ranks (floats)."""
-    cfg, net, p = run.cfg, run.raw_model, run.progress
+    """One optimiser step over this rank's share of the global batch, in grad_accum_steps micro-batches whose
+    gradients add up; every masked loss is the mean over the global batch's valid pixels (global_counts), so
+    1 process and W processes x n micro-batches compute the same step. Returns the per-task losses (floats)."""
+    cfg, net, p, n = run.cfg, run.raw_model, run.progress, run.cfg.grad_accum_steps
     net.schedule(p.step / run.total_steps)
-    with autocast(cfg, run.device):
-        out = run.model(batch['image'])
-    options = loss_options(cfg)
-    losses = compute_losses(out, batch, cfg.tasks, options, net.extra_losses(out, batch, options['edge_pos_weight']))
-    shared = all_reduce_sum(torch.stack([l.detach().float() for l in losses.values()])) / run.world
-    values = dict(zip(cfg.tasks, shared.tolist()))
+    options, counts = loss_options(cfg), global_counts(batch, cfg.tasks)
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    shared = torch.zeros(len(cfg.tasks), device=run.device)
+    for k, micro in enumerate(micro_batches(batch, n)):
+        with gradient_sync(run.model, k == n - 1):
+            with autocast(cfg, run.device):
+                out = run.model(micro['image'])
+            # the model's extra losses and regulariser: the mean over micro-batches (and ranks) of their values
+            extra = {t: e / n for t, e in net.extra_losses(out, micro, options['edge_pos_weight']).items()}
+            losses = compute_losses(out, micro, cfg.tasks, options, extra, counts, run.world)
+            shared += torch.stack([l.detach().float() for l in losses.values()])
+            (sum(cfg.loss_weights[t] * losses[t] for t in cfg.tasks) + net.regulariser(out) / n).backward()
+    values = dict(zip(cfg.tasks, (all_reduce_sum(shared) / run.world).tolist()))
     bad = [t for t, v in values.items() if not math.isfinite(v)]
     if bad:
         kept = (f"The last good checkpoint {run.path('ckpt.pt')} (epoch {p.epoch}) is kept."
                 if os.path.exists(run.path('ckpt.pt')) else "No checkpoint had been written yet.")
         raise NonFiniteLoss(f"the {bad[0]} loss is {values[bad[0]]} at epoch {p.epoch}, step {p.batches_done} "
                             f"(global step {p.step}); stopping. {kept}")
-    loss = sum(cfg.loss_weights[t] * losses[t] for t in cfg.tasks) + net.regulariser(out)
-    for optimizer in [run.optimizer] + ([run.own_optimizer] if run.own_optimizer else []):
-        optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     if cfg.grad_clip > 0:
         nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-    run.optimizer.step()
-    if run.own_optimizer:
-        run.own_optimizer.step()
+    for optimizer in run.optimizers:
+        optimizer.step()
     if cfg.scheduler == 'poly':
         run.scheduler.step()
     return values
@@ -324,9 +320,8 @@ def log_window(run, epoch, i, window):
 
 def train_one_epoch(run, epoch, stop):
     cfg, p = run.cfg, run.progress
-    run.train_set.epoch = epoch
-    batches = epoch_batches(len(run.train_set), epoch, cfg, run.rank, run.world, start=p.batches_done)
-    it = iter(make_loader(run.train_set, batches, cfg, run.device, cfg.seed + epoch))
+    run.train_batches.set_epoch(epoch, start=p.batches_done)
+    it = iter(run.train_loader)
     window, run.timing['window_start'] = [], time.time()
     run.model.train()
     for i in range(p.batches_done, min(run.steps_per_epoch, p.batches_done + run.total_steps - p.step)):
@@ -360,6 +355,8 @@ def record_evaluation(run, epoch):
             write_json(run.path(name), data)
     run.say(f"eval epoch {epoch}: val loss {record['val_loss']:.4f}, delta_m {format_delta(record['delta_m'])} "
             f"({time.time() - t0:.1f} s)\n{format_metrics(record['metrics'], run.reference, run.cfg.dataset)}")
+    if record['initial_metrics']:
+        run.say(f"  initial predictions:\n{format_metrics(record['initial_metrics'], None, run.cfg.dataset)}")
 
 
 def train(run):
@@ -387,11 +384,11 @@ def train(run):
 
 # ------------------------------------------------------------------------------------------ main
 
-def setup(cfg):
+def setup(cfg, argv=()):
     """Everything that can fail on the user's input, before any file is written: device, data files,
     model and pretrained weights, the checkpoint to resume / start from / score, the out_dir."""
     try:
-        rank, world, device = setup_distributed(pick_device(cfg.device), cfg.batch_size)
+        rank, world, device = setup_distributed(pick_device(cfg.device, cfg.tf32), cfg.batch_size, cfg.grad_accum_steps)
         torch.manual_seed(cfg.seed)          # the weights; the data order and augmentation seed themselves
         train_set, val_set, size = build_datasets(cfg, rank)
         net = build_net(cfg, size, device)
@@ -407,7 +404,7 @@ def setup(cfg):
         if cfg.resume:
             check_resume(cfg, ckpt, ckpt_path, RESUMABLE_CHANGES)
         load_weights(net, ckpt, ckpt_path)
-    run = Run(cfg, rank, world, device, net, train_set, val_set)
+    run = Run(cfg, rank, world, device, net, train_set, val_set, argv)
     if run.steps_per_epoch == 0 and not cfg.eval_only:
         raise UserError(f"batch_size={cfg.batch_size} is larger than the {len(train_set)} training images")
     return run, ckpt
@@ -433,8 +430,8 @@ def describe(run):
 
 def score_checkpoint(run, ckpt_path):
     """eval_only: metrics, delta_m and the PNG grid of the loaded weights -> out_dir/eval.json."""
-    result = {'checkpoint': ckpt_path, **evaluate(run),
-              'reference': {'source': run.reference_source, 'values': run.reference}, 'config': dict(run.cfg)}
+    result = {'checkpoint': ckpt_path, **evaluate(run), 'reference': {'source': run.reference_source,
+              'values': run.reference}, **provenance(run.argv), 'config': dict(run.cfg)}
     if run.master:
         os.makedirs(run.cfg.out_dir, exist_ok=True)
         write_json(run.path('eval.json'), result)
@@ -461,8 +458,8 @@ def finish(run):
     return results
 
 
-def run_command(cfg):
-    run, ckpt = setup(cfg)
+def run_command(cfg, argv=()):
+    run, ckpt = setup(cfg, argv)
     describe(run)
     if cfg.eval_only:
         return score_checkpoint(run, cfg.init_from or run.path('ckpt.pt'))
@@ -482,7 +479,8 @@ def run_command(cfg):
 def main(argv=None):
     """Command line entry: the exit code (0 ok, 1 a user mistake or a data fault, 130 interrupted)."""
     try:
-        run_command(parse_config(sys.argv[1:] if argv is None else argv))
+        argv = sys.argv[1:] if argv is None else argv
+        run_command(parse_config(argv), argv)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

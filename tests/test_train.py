@@ -18,11 +18,12 @@ import torch
 from PIL import Image
 
 import checkpoint
+import model
 import train
 from config import Config
 from conftest import write_pascal_sample
 from data import DATASETS
-from metrics import STL_REFERENCE, TASK_METRIC, delta_m
+from metrics import STL_REFERENCE, TASK_METRIC, build_meters, delta_m
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (32, 64)     # smallest input the backbones take (multiples of 32)
@@ -279,6 +280,15 @@ def test_ctal_ss_training_reduces_the_loss_and_writes_its_outputs(synthetic_root
         delta_m({t: final[t][TASK_METRIC[t][0]] for t in ref}, ref))
     assert res['final']['epoch'] == 4 and res['seed'] == 0 and res['versions']['torch'] == torch.__version__
     assert res['best']['epoch'] in (2, 4)
+    head = subprocess.run(['git', '-C', ROOT, 'rev-parse', 'HEAD'], capture_output=True, text=True)
+    assert res['git']['commit'] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert res['git']['dirty'] in ((True, False) if head.returncode == 0 else (None,))
+    assert res['command'].startswith('python train.py --data_root=') and f'--out_dir={out}' in res['command']
+    assert res['cwd'] == os.getcwd()
+    # the initial predictions' metrics beside the final ones, from the same meters
+    assert set(res['final']['initial_metrics']) == {'semseg', 'depth', 'normals'}
+    assert set(res['final']['initial_metrics']['normals']) == set(final['normals'])
+    assert res['final']['initial_metrics']['depth'] != final['depth']
     png = Image.open(os.path.join(out, 'vis_epoch004.png'))
     tile_w = round(SIZE[1] * 128 / SIZE[0])                               # panels 128 px high
     assert png.size == (7 * tile_w, 16 + 2 * 128)           # input + 3 x (GT, pred); 2 rows under a header
@@ -390,7 +400,9 @@ def test_missing_dataset_or_weights_give_the_loaders_message(synthetic_root, tmp
 # ---------------------------------------------------------------------------------------------- torchrun
 
 def write_nyuv2_fixture(root, n, size, seed=0):
-    """NYUv2-format files with every pixel valid, so the per-rank loss means average to the global one."""
+    """NYUv2-format files whose images have very different numbers of valid pixels (image 0: depth on 1/16 of
+    its rows; image 1: a quarter of its labels ignored; image 2: normals on half its columns), so that a mean
+    of per-rank means would differ from the one-process mean over the batch's valid pixels."""
     rng = np.random.default_rng(seed)
     H, W = size
     for split in ('train', 'val'):
@@ -401,6 +413,12 @@ def write_nyuv2_fixture(root, n, size, seed=0):
             normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
             arrays = {'image': rng.random((H, W, 3)), 'label': rng.integers(0, 13, (H, W)).astype(float),
                       'depth': rng.uniform(0.5, 5.0, (H, W, 1)), 'normal': normal}
+            if i % 4 == 0:
+                arrays['depth'][H // 16:] = 0
+            if i % 4 == 1:
+                arrays['label'][: H // 4] = -1
+            if i % 4 == 2:
+                arrays['normal'][:, W // 2:] = 0
             for folder, a in arrays.items():
                 np.save(os.path.join(root, split, folder, f'{i}.npy'), a.astype(np.float32))
 
@@ -461,8 +479,9 @@ def test_torchrun_two_processes_give_the_one_process_gradients(tmp_path, monkeyp
 
 
 def test_batches_do_not_depend_on_the_number_of_workers(synthetic_root, tmp_path):
-    """Augmentation is seeded per (seed, epoch, index): worker processes load the very same batches."""
-    args = ['--model=mtl', '--epochs=1', '--max_steps_per_epoch=2', '--vis_images=0']
+    """Augmentation is seeded per (seed, epoch, index): worker processes, kept alive across epochs (the epoch
+    travels with each index), load the very same batches."""
+    args = ['--model=mtl', '--epochs=2', '--max_steps_per_epoch=2', '--vis_images=0']
     assert train.main(tiny_args(synthetic_root, tmp_path / 'w0', *args, '--num_workers=0')) == 0
     assert train.main(tiny_args(synthetic_root, tmp_path / 'w2', *args, '--num_workers=2')) == 0
     assert [r['losses'] for r in read_log(tmp_path / 'w0')] == [r['losses'] for r in read_log(tmp_path / 'w2')]
@@ -608,3 +627,85 @@ def test_atrc_and_tif_train_on_synthetic_scenes_in_the_nyud_layout(model, tmp_pa
     losses = [r['loss'] for r in read_log(out)]
     assert len(losses) == 8 and losses[-1] < losses[0], losses
     assert [e['epoch'] for e in read_log(out, 'eval')] == [8]
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+
+def step_of(root, out, accum, frozen_bn, *extra):
+    """One train_step of ctal_ss on a fixed batch of 8 whose images have very different numbers of valid
+    pixels; (its losses, the gradients)."""
+    cfg = train.parse_config(tiny_args(root, out, '--model=ctal_ss', '--batch_size=8', f'--grad_accum_steps={accum}',
+                                       '--augment=False', *extra))
+    run, _ = train.setup(cfg)
+    batch = next(iter(torch.utils.data.DataLoader(run.train_set, batch_size=8)))
+    batch['depth'][0, :, 4:] = 0                         # image 0: 4 of 32 rows with depth, the others all
+    batch['normals'][1:3, :, :, 8:] = 0
+    batch['semseg'][5, 2:] = 255
+    if frozen_bn:
+        for m in run.raw_model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    losses = train.train_step(run, batch)
+    return losses, torch.cat([p.grad.flatten() for p in run.raw_model.parameters() if p.grad is not None])
+
+
+def test_gradient_accumulation_computes_the_one_batch_step(synthetic_root, tmp_path):
+    """grad_accum_steps=4 (micro-batches of 2) equals one batch of 8 to float rounding when BatchNorm uses
+    its running statistics: every masked loss is divided by the valid pixels of the whole batch. With BN in
+    training mode the steps differ, as they must: each micro-batch normalises by its own statistics."""
+    one, g_one = step_of(synthetic_root, tmp_path / 'one', 1, True)
+    four, g_four = step_of(synthetic_root, tmp_path / 'four', 4, True)
+    assert four == pytest.approx(one, rel=1e-6)
+    assert float((g_four - g_one).norm() / g_one.norm()) < 1e-5
+    _, g_bn_one = step_of(synthetic_root, tmp_path / 'bn1', 1, False)
+    _, g_bn_four = step_of(synthetic_root, tmp_path / 'bn4', 4, False)
+    assert float((g_bn_four - g_bn_one).norm() / g_bn_one.norm()) > 1e-2
+
+
+def test_accumulation_needs_a_batch_that_splits_evenly(synthetic_root, tmp_path, capsys):
+    assert train.main(tiny_args(synthetic_root, tmp_path / 'r', '--batch_size=6', '--grad_accum_steps=4')) == 1
+    assert "batch_size=6 (the global batch) must divide into 1 process(es) x grad_accum_steps=4" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'r')
+
+
+def test_evaluation_prints_its_progress(synthetic_root, tmp_path, capsys):
+    """A line every eval_log_interval batches (4 val images, batch 2 -> 2 batches: one line before the last)."""
+    assert train.main(tiny_args(synthetic_root, tmp_path / 'r', '--model=mtl', '--epochs=1', '--max_steps_per_epoch=1',
+                                '--eval_log_interval=1', '--vis_images=0')) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('  eval batch')]
+    assert len(lines) == 1 and lines[0].startswith('  eval batch 1/2 | ') and 'img/s | ETA' in lines[0]
+
+
+def test_multiscale_initial_predictions_are_scored_per_scale(synthetic_root, tmp_path):
+    """ctal_ms's 4 per-scale initial predictions each get the meters; their metrics equal the meters run by hand
+    on the model's out['initial'] over the val split."""
+    out = tmp_path / 'ms'
+    assert train.main(tiny_args(synthetic_root, out, '--model=ctal_ms', '--epochs=1', '--max_steps_per_epoch=1',
+                                '--vis_images=0', '--tasks=semseg,depth')) == 0
+    initial = read_log(out, 'eval')[-1]['initial_metrics']
+    assert sorted(initial) == sorted(f'{t}@1/{s}' for t in ('semseg', 'depth') for s in (4, 8, 16, 32))
+    cfg = train.parse_config(tiny_args(synthetic_root, tmp_path / 'again', '--model=ctal_ms', '--tasks=semseg,depth',
+                                       f'--init_from={out}/ckpt.pt', '--eval_only=True'))
+    run, _ = train.setup(cfg)
+    run.raw_model.eval()
+    meters = build_meters({'depth': 1})
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(run.val_set, batch_size=2):
+            meters['depth'].update(run.raw_model(batch['image'])['initial']['depth'][1], batch['depth'])
+    assert meters['depth'].compute() == pytest.approx(initial['depth@1/8'], rel=1e-6)
+
+
+def test_cuda_speed_switches_follow_tf32(monkeypatch):
+    """pick_device sets TF32 and cuDNN's autotuner for a CUDA device only (CPU runs keep torch's defaults)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.benchmark = False
+        assert model.pick_device('cpu', tf32=True) == torch.device('cpu')
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        for tf32 in (True, False):
+            assert model.pick_device('cuda:1', tf32=tf32) == torch.device('cuda', 1)
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+            assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
