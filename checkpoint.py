@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import re
@@ -41,28 +42,50 @@ def append_record(path, record):
         f.write(json.dumps(json_safe(record), allow_nan=False) + '\n')
 
 
-def write_json(path, obj):
-    with open(path, 'w') as f:
-        json.dump(json_safe(obj), f, indent=1, allow_nan=False)
-
-
-def save_checkpoint(path, state):
-    """Write to path + '.tmp', then os.replace: a crash mid-write never leaves a truncated file."""
+def write_atomically(path, write):
+    """write(temporary path), then os.replace onto `path`: a crash mid-write leaves the previous file whole,
+    never part of one, and no temporary file stays behind."""
     tmp = path + '.tmp'
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def write_json(path, obj):
+    """JSON (config.json, results.json, eval.json, genotype.json), atomically."""
+    write_atomically(path, lambda tmp: _write_text(tmp, json.dumps(json_safe(obj), indent=1, allow_nan=False)))
+
+
+def _write_text(path, text):
+    with open(path, 'w') as f:
+        f.write(text)
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def pickled_object(error):
+    """What torch.load(weights_only=True) refused to unpickle (e.g. 'posix.system'), None for a mere unreadable file."""
+    words = str(error).split('unsupported GLOBAL ')
+    return words[1].split()[0] if len(words) > 1 else None
+
+
 def load_checkpoint(path, device):
-    """A checkpoint of this project (ckpt.pt / best.pt), or a UserError saying what the file is not."""
+    """A checkpoint of this project (ckpt.pt / best.pt), or a UserError saying what the file is not. Read with
+    weights_only=True: tensors and plain data only, so a file holding pickled code is refused, never run."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not pickled_object(e):
+            raise UserError(f"{path} is not a readable checkpoint (UnpicklingError)") from None
+        raise UserError(f"{path} is refused: it holds a pickled Python object ({pickled_object(e)}) besides tensors "
+                        f"and plain data, which could run code when loaded; this project's checkpoints hold none") from None
     except Exception as e:                    # truncated, empty, not a torch file
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or not {'model', 'config'} <= set(ckpt):
@@ -112,7 +135,10 @@ def cut_log(path, size):
 
 
 def rng_state(device):
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    """The RNG states in types torch's safe loader reads (numpy's key array as an int64 tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'torch': torch.get_rng_state(), 'numpy': [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss], 'python': random.getstate()}
     if device.type == 'cuda':
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -120,7 +146,8 @@ def rng_state(device):
 
 def set_rng_state(state, device):
     torch.set_rng_state(state['torch'].cpu())
-    np.random.set_state(state['numpy'])
+    name, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state['python'])
     if device.type == 'cuda' and 'cuda' in state:
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])

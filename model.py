@@ -49,9 +49,9 @@ README's Fidelity table lists every difference. On NYUv2 288x384 / Cityscapes 12
 counts equal the authors' code exactly and the multiply-accumulates at batch 8 equal its FlopCounterMode
 counts (tests/test_model.py).
 """
-import logging
 import math
 import os
+import pickle
 import re
 
 import timm
@@ -65,6 +65,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from baselines import (FPM_SOFTMAXES, PAP_AFFINITIES, ConcatDistillation, MTINetFrontEnd, PADDistillation,
                        PAPPropagation, TIFDecoder, conv1x1_bn, resize)
+from checkpoint import pickled_object
 from ctal import CTAL
 from data import DATASETS
 
@@ -87,52 +88,69 @@ TIF_WIDTH = {'hrnet18': 58, 'swinv2_s': 108}    # TIF's decoder width C_L, calib
 # ----------------------------------------------------------------------------------------------------
 # backbones (timm)
 
-def create_timm_backbone(name, pretrained=None, **kwargs):
-    """timm model `name` as a feature extractor; weights random, or loaded from the local file `pretrained`.
+def read_weights(path, name):
+    """The state dict in a local weights file for the backbone `name`: .safetensors, or a torch file read with
+    weights_only=True (tensors and plain data: a file holding pickled code is refused, never run). A dict
+    wrapped in 'state_dict' / 'model' is unwrapped, DDP's 'module.' prefix dropped."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights for {name}: no file at {path!r}. Pass the path of a local "
+                                f"checkpoint (.pth/.bin/.safetensors) or pretrained=None for random init.")
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not pickled_object(e):
+            raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name}: not a readable checkpoint "
+                             f"(UnpicklingError)") from None
+        raise ValueError(f"pretrained weights {path!r} are refused: the file holds pickled Python objects besides "
+                         f"tensors ({pickled_object(e)}), which could run code when loaded; pass a plain state dict "
+                         f"or .safetensors") from None
+    except Exception as e:                                  # not a torch file, truncated ...
+        raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name}: not a readable checkpoint "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(state, dict) and {'model', 'config'} <= set(state):
+        raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name}: it is a checkpoint of train.py; "
+                         f"a checkpoint of train.py goes to init_from")
+    state = state.get('state_dict', state.get('model', state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name}: expected a state dict of "
+                         f"tensors, got {type(state).__name__}")
+    return {k.removeprefix('module.'): v for k, v in state.items()}
 
-    Loading goes through timm (pretrained_cfg_overlay=dict(file=...)) so its checkpoint filters apply
-    (e.g. Swin-V2's re-mapping of stage downsample layers, patch-embed resampling). Missing/unexpected
-    keys are printed; a file from which no backbone parameter was loaded is a ValueError.
-    """
+
+def load_backbone_weights(model, state, path, name):
+    """state -> model (strict=False), reporting what load_state_dict found incompatible; a file matching no
+    tensor of the model, or tensors of other shapes, is a ValueError."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:                               # tensors of other shapes: another model
+        raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name}: {str(e)[:300]}") from None
+    loaded = len(set(model.state_dict()) & set(state))
+    if loaded == 0:
+        raise ValueError(f"pretrained weights {path!r} matched no parameter of {name}: expected a {name} checkpoint "
+                         f"(its own key names, e.g. {next(iter(model.state_dict()))!r}); a checkpoint of train.py "
+                         f"goes to init_from")
+    print(f"[{name} <- {path}] loaded {loaded} tensors; missing {len(result.missing_keys)}"
+          f"{_first(result.missing_keys)}, unexpected {len(result.unexpected_keys)}{_first(result.unexpected_keys)}")
+
+
+def _first(keys):
+    return f" ({', '.join(keys[:3])}{', ...' * (len(keys) > 3)})" if keys else ''
+
+
+def create_timm_backbone(name, pretrained=None, **kwargs):
+    """timm model `name` as a feature extractor; weights random, or loaded from the local file `pretrained`
+    (read_weights; the HRNet checkpoints need none of timm's checkpoint filters)."""
     if pretrained is None:
         return timm.create_model(name, pretrained=False, **kwargs)
-    path = os.fspath(pretrained)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights for {name}: no file at {path!r}. Pass the path of a "
-                                f"local checkpoint (.pth/.bin/.safetensors) or pretrained=None for random init.")
-    # the same random init twice: parameters still equal to it afterwards were not loaded
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        reference = timm.create_model(name, pretrained=False, **kwargs).state_dict()
-    log = logging.getLogger('timm.models._builder')
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=True, pretrained_strict=False,
-                                      pretrained_cfg_overlay=dict(file=path), **kwargs)
-    except Exception as e:          # not a checkpoint, truncated, or tensors of other shapes
-        raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name} ({type(e).__name__}: "
-                         f"{str(e)[:200]}); pretrained takes an ImageNet {name} checkpoint, a checkpoint of "
-                         f"train.py goes to init_from") from None
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-    for r in records:
-        if 'keys' in r.getMessage():
-            print(f"[{name} <- {path}] {r.getMessage()}")
-    params = dict(model.named_parameters())
-    loaded = [k for k, p in params.items() if not torch.equal(p.detach(), reference[k])]
-    if not loaded:
-        raise ValueError(f"pretrained weights {path!r} matched no parameter of {name}: expected a {name} "
-                         f"checkpoint (timm key names), got one whose keys/shapes do not fit (see above; a "
-                         f"checkpoint of train.py goes to init_from).")
-    print(f"[{name} <- {path}] {len(loaded)} of {len(params)} parameter tensors differ from the random init")
+    state = read_weights(pretrained, name)
+    with torch.random.fork_rng(devices=[]):                 # the weights are the file's: leave the RNG alone
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    load_backbone_weights(model, state, os.fspath(pretrained), name)
     return model
 
 
@@ -222,28 +240,7 @@ class HRNetBackbone(nn.Module):
 
 def load_torchvision_weights(model, path):
     """Load a local torchvision checkpoint (a state dict, e.g. swin_v2_s-6cf4c8c5.pth) into `model`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights for swin_v2_s: no file at {path!r}. Pass the path of a "
-                                f"local torchvision checkpoint (.pth) or pretrained=None for random init.")
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:                                  # not a torch file, truncated, pickled code ...
-        raise ValueError(f"pretrained weights {path!r}: cannot be read as a torch checkpoint ({e})") from e
-    state = state.get('model', state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"pretrained weights {path!r}: expected a torchvision swin_v2_s state dict, got "
-                         f"{type(state).__name__}")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:                               # tensors of other shapes: another model
-        raise ValueError(f"pretrained weights {path!r} do not fit swin_v2_s: {str(e)[:300]}") from None
-    loaded = len(model.state_dict()) - len(result.missing_keys)
-    if loaded == 0:
-        raise ValueError(f"pretrained weights {path!r} matched no parameter of swin_v2_s: expected a torchvision "
-                         f"swin_v2_s checkpoint (torchvision key names such as 'features.0.0.weight'; a checkpoint of "
-                         f"train.py goes to init_from)")
-    print(f"[swin_v2_s <- {path}] loaded {loaded} tensors; missing {len(result.missing_keys)}, "
-          f"unexpected {len(result.unexpected_keys)}")
+    load_backbone_weights(model, read_weights(path, 'swin_v2_s'), os.fspath(path), 'swin_v2_s')
 
 
 class SwinBackbone(nn.Module):

@@ -171,7 +171,8 @@ def cell(value, paper=None, n_all=None, decimals=None):
     if value is None:
         text = '—'
     else:
-        text = f"{value['mean']:.{d}f}" + (f" ± {value['std']:.{d}f}" if value['std'] is not None else '')
+        mean = value['mean'] if abs(value['mean']) >= 0.5 * 10 ** -d else 0.0          # no '-0.00'
+        text = f"{mean:.{d}f}" + (f" ± {value['std']:.{d}f}" if value['std'] is not None else '')
         text += f" (n={value['n']})" if n_all is not None and value['n'] < n_all else ''
     return text + (f" [{paper:.{d}f}]" if paper is not None else '')
 

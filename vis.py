@@ -13,8 +13,6 @@ import json
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 
 from data import IGNORE
 from metrics import TASK_METRIC
@@ -22,12 +20,21 @@ from metrics import TASK_METRIC
 TILE_PX = 128            # height of one panel, pixels (small inputs are upscaled so a person can see them)
 HEADER_PX = 16           # the column titles above the first row
 DPI = 100
-CLASS_COLOURS = np.concatenate([colormaps['tab20'].colors, colormaps['tab20b'].colors])   # (40, 3)
+def colormap(name):
+    """matplotlib's colormap `name`: matplotlib is imported only when a picture is drawn (vis_images=0 runs and
+    --help do without it)."""
+    from matplotlib import colormaps
+    return colormaps[name]
+
+
+def class_colours():
+    return np.concatenate([colormap('tab20').colors, colormap('tab20b').colors])   # (40, 3)
 
 
 def colour_labels(labels):
     """Class map (H, W) int -> RGB floats (H, W, 3); ignore black."""
-    rgb = CLASS_COLOURS[np.clip(labels, 0, IGNORE - 1) % len(CLASS_COLOURS)]
+    colours = class_colours()
+    rgb = colours[np.clip(labels, 0, IGNORE - 1) % len(colours)]
     rgb[labels == IGNORE] = 0
     return rgb
 
@@ -36,7 +43,7 @@ def colour_depth(depth, reference):
     """Viridis over the valid (> 0) range of `reference`, the target depth when there is one."""
     valid = reference[reference > 0]
     lo, hi = (float(valid.min()), float(valid.max())) if valid.numel() else (0.0, 1.0)
-    return colormaps['viridis'](((depth - lo) / max(hi - lo, 1e-6)).clamp(0, 1).numpy())[..., :3]
+    return colormap('viridis')(((depth - lo) / max(hi - lo, 1e-6)).clamp(0, 1).numpy())[..., :3]
 
 
 def colour_normals(n):
@@ -54,7 +61,7 @@ def colour_target(task, target):
         return rgb
     if task == 'normals':
         return colour_normals(x)                                         # invalid (zero) vectors: grey
-    rgb = colormaps['gray'](x[0].clamp(0, 1).numpy())[..., :3]           # saliency / edge in {0, 1}
+    rgb = colormap('gray')(x[0].clamp(0, 1).numpy())[..., :3]           # saliency / edge in {0, 1}
     rgb[(x[0] == IGNORE).numpy()] = (0.5, 0, 0)
     return rgb
 
@@ -68,7 +75,7 @@ def colour_prediction(task, pred, target=None):
         return colour_depth(x[0], x[0] if target is None else target.float().cpu()[0])
     if task == 'normals':
         return colour_normals(x / x.norm(dim=0, keepdim=True).clamp(min=1e-12))
-    return colormaps['gray'](torch.sigmoid(x[0]).numpy())[..., :3]      # logits -> probability
+    return colormap('gray')(torch.sigmoid(x[0]).numpy())[..., :3]      # logits -> probability
 
 
 def save_prediction_grid(path, images, predictions, targets=None):
@@ -79,6 +86,7 @@ def save_prediction_grid(path, images, predictions, targets=None):
     n, (H, W) = len(images), images.shape[-2:]
     tile_w = round(W * TILE_PX / H)
     width, height = len(names) * tile_w, HEADER_PX + n * TILE_PX
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     for j, name in enumerate(names):
         fig.text((j + 0.5) / len(names), 1 - 2 / height, name, ha='center', va='top', fontsize=7)
@@ -119,6 +127,7 @@ def save_curves(log_path, tasks, path, metrics=TASK_METRIC):
         records = [json.loads(line) for line in f if line.strip()]
     train_recs = [r for r in records if r['type'] == 'train']
     eval_recs = [r for r in records if r['type'] == 'eval']
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(3.2 * (1 + len(tasks)), 2.8), dpi=DPI, layout='constrained')
     axes = fig.subplots(1, 1 + len(tasks), squeeze=False)[0]
     for t in tasks:

@@ -322,3 +322,57 @@ def test_predict_prepares_a_pascal_image_as_the_evaluation_does():
     for t in cfg['tasks']:
         assert pred[t].shape[-2:] == (29, 37)
         assert torch.equal(pred[t], out[t][..., 17:46, 13:50])
+
+
+# ---------------------------------------------------------------------------------------------- safe files
+
+class Payload:
+    """An object whose unpickling would run code (what a malicious checkpoint holds)."""
+
+    def __reduce__(self):
+        return (os.system, ('touch PWNED',))
+
+
+def test_a_checkpoint_holding_a_pickled_callable_is_refused_everywhere(finished_run, tmp_path, capsys, monkeypatch):
+    """Every entry point loads with weights_only=True: resume, init_from, eval_only and predict.py refuse a
+    ckpt.pt whose pickle calls os.system, with one line and exit 1, and nothing runs; the run's own
+    ckpt.pt / best.pt still load (eval_only, predict)."""
+    monkeypatch.chdir(tmp_path)
+    args, out = finished_run
+    good = torch.load(out / 'ckpt.pt', weights_only=True)
+    bad_dir = tmp_path / 'bad'
+    bad_dir.mkdir()
+    torch.save(dict(good, extra=Payload()), bad_dir / 'ckpt.pt')
+    words = ['is refused: it holds a pickled Python object (posix.system)', 'could run code']
+    refused(args[:-1] + [f'--out_dir={bad_dir}', '--resume=True'], words, capsys)
+    refused(args + [f'--out_dir={tmp_path / "tuned"}', f'--init_from={bad_dir / "ckpt.pt"}'], words, capsys)
+    refused(args + [f'--out_dir={tmp_path / "scored"}', f'--init_from={bad_dir / "ckpt.pt"}', '--eval_only=True'],
+            words, capsys)
+    image = tmp_path / 'x.png'
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(image)
+    assert predict.main([str(bad_dir / 'ckpt.pt'), str(image), f'--out_dir={tmp_path / "pred"}']) == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and words[0] in err
+    assert not (tmp_path / 'PWNED').exists() and not (tmp_path / 'pred').exists()
+    assert train.main(args + [f'--out_dir={tmp_path / "ok"}', f'--init_from={out / "best.pt"}', '--eval_only=True']) == 0
+    assert predict.main([str(out / 'best.pt'), str(image), f'--out_dir={tmp_path / "pred"}']) == 0
+
+
+def test_a_crash_while_json_is_written_leaves_the_previous_file(tmp_path, monkeypatch):
+    """write_json goes through a temporary file and os.replace: killed mid-write (simulated: the write
+    raises after half of the text), results.json is the previous one and no temporary file stays."""
+    import checkpoint
+    path = str(tmp_path / 'results.json')
+    checkpoint.write_json(path, {'final': 1})
+
+    def half_then_die(file, text):
+        with open(file, 'w') as f:
+            f.write(text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, '_write_text', half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_json(path, {'final': 2, 'more': list(range(100))})
+    with open(path) as f:
+        assert json.load(f) == {'final': 1}
+    assert os.listdir(tmp_path) == ['results.json']
