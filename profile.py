@@ -286,8 +286,7 @@ def run_model_table(args):
     print(f"{args.dataset} {img_size[0]}x{img_size[1]} ({backbone}), distillation scale {scale_key}, "
           f"batch {args.batch}, device {args.device}, ctal_impl {args.ctal_impl}; val split "
           f"{val_images} images")
-    results = {}
-    stl_params = None
+    results, stl_params, t0 = {}, None, time.time()
     for row in ["stl"] + [m for m in models if m != "stl"]:
         name, pap_iters = ("papnet", 2) if row == "papnet x2" else (row, 1)
         common = dict(name=name, dataset=args.dataset, img_size=list(img_size), scale=float(args.scale),
@@ -297,6 +296,7 @@ def run_model_table(args):
             stl = build_model("stl", info["tasks"], tuple(img_size), backbone=backbone)
             stl_params = sum(p.numel() for p in stl.parameters())
             continue
+        print(f"  measuring {row} ...", end="\r", flush=True)        # a row takes up to minutes on a CPU
         r = run_measurement("model_stats", args.device, train=False, **common)
         if args.train:
             t = run_measurement("model_stats", args.device, train=True, **common)
@@ -307,7 +307,7 @@ def run_model_table(args):
         r["gmac_batch8"] = r["flops_per_image"] / 2 * 8 / 1e9
         r["val_seconds"] = r["seconds_per_batch"] * val_images / args.batch
         results[row] = r
-        print_model_row(row, r, args, scale_key, header=len(results) == 1)
+        print_model_row(row, r, args, scale_key, header=len(results) == 1, elapsed=time.time() - t0)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config={k: str(v) for k, v in vars(args).items()}, models=results), f, indent=2)
@@ -332,14 +332,15 @@ def paper_figures(row, args, scale_key):
     return ""
 
 
-def print_model_row(row, r, args, scale_key, header):
+def print_model_row(row, r, args, scale_key, header, elapsed):
+    """One row of the table, printed as soon as it is measured, with the seconds the table has taken so far."""
     if header:
         train = f" {'train s/it':>10s} {'train MB':>9s}" if args.train else ""
         print(f"{'model':10s} {'params M':>9s} {'rel':>6s} {'GFLOP/img':>10s} {'GMAC@8':>8s} "
-              f"{'val s':>8s} {'peak MB':>8s}{train}   papers")
+              f"{'val s':>8s} {'peak MB':>8s}{train} {'so far':>7s}   papers")
     train = (f" {r['train_seconds']:10.3f} {r['train_peak_bytes'] / 2**20:9.0f}" if args.train else "")
     print(f"{row:10s} {r['params'] / 1e6:9.2f} {r['rel_params']:6.3f} {r['flops_per_image'] / 1e9:10.1f} "
-          f"{r['gmac_batch8']:8.1f} {r['val_seconds']:8.2f} {r['peak_bytes'] / 2**20:8.0f}{train}   "
+          f"{r['gmac_batch8']:8.1f} {r['val_seconds']:8.2f} {r['peak_bytes'] / 2**20:8.0f}{train} {elapsed:6.0f}s   "
           f"{paper_figures(row, args, scale_key)}", flush=True)
 
 

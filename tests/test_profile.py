@@ -2,6 +2,7 @@
 agree with independent counts, dense CTAL's elementwise fusion included; the file does not break the
 standard library's cProfile that its name shadows."""
 import os
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,12 @@ def test_model_table_prints_every_requested_model(capsys):
     for name in models:
         assert any(line.startswith(name + " ") for line in printed.splitlines()), name
     assert list(rows) == models
+    # each row as soon as it is measured (announced before, on the line it then overwrites), with the time so far
+    lines = printed.splitlines()
+    rows_at = [next(i for i, line in enumerate(lines) if line.startswith(m + " ")) for m in models]
+    assert [lines.index(f"  measuring {m} ...") for m in models] == [i - 1 - (i == rows_at[0]) for i in rows_at]
+    so_far = [float(re.search(r' (\d+)s   ', line)[1]) for line in lines if line.split(' ')[0] in ('mtl', 'papnet', 'ctal_ss')]
+    assert len(so_far) == 3 and so_far == sorted(so_far)
     stl = build_model("stl", DATASETS["nyuv2"]["tasks"], (64, 96))
     mtl = build_model("mtl", DATASETS["nyuv2"]["tasks"], (64, 96))
     n_stl, n_mtl = (sum(p.numel() for p in m.parameters()) for m in (stl, mtl))
