@@ -82,10 +82,11 @@ def load_checkpoint(path, device):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        if not pickled_object(e):
+        found = pickled_object(e)
+        if not found:
             raise UserError(f"{path} is not a readable checkpoint (UnpicklingError)") from None
-        raise UserError(f"{path} is refused: it holds a pickled Python object ({pickled_object(e)}) besides tensors "
-                        f"and plain data, which could run code when loaded; this project's checkpoints hold none") from None
+        raise UserError(f"{path} is refused: it holds a pickled Python object ({found}) besides tensors and plain "
+                        f"data, which could run code when loaded; this project's checkpoints hold none") from None
     except Exception as e:                    # truncated, empty, not a torch file
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(ckpt, dict) or not {'model', 'config'} <= set(ckpt):

@@ -812,6 +812,11 @@ def resolve_tasks(dataset, tasks, loss_weights):
     return ordered, {x: float(weights[x]) for x in ordered}
 
 
+def to_device(batch, device):
+    """A loader's batch (dict of tensors; other entries dropped) on `device`."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+
+
 def build_dataset(dataset, root, split, tasks=None, augment=False, size=None, **kw):
     """Dataset by name (a key of DATASETS). tasks=None means all of the dataset's tasks. size: the canvas of
     pascal / nyud (None: theirs, DATASETS); MTAN's files are stored at one size, which a given size must

@@ -7,8 +7,9 @@ alone (SeededAugmentation), whatever worker, rank or resume point loads it; Batc
 taken over the global batch (nn.SyncBatchNorm on CUDA, CPUSyncBatchNorm over gloo on CPU); every masked
 loss divides by the valid pixels of the global batch (metrics.global_counts). One process and W processes
 then compute the same step, to float rounding; so do micro-batches (micro_batches, gradient_sync), except for
-BatchNorm's batch statistics. One DataLoader per run (EpochBatches) keeps its workers across epochs. Ctrl-C / SIGTERM stop every rank after the
-same step (StopFlag), so the checkpoint then written is one state of the whole run.
+BatchNorm's batch statistics. One DataLoader per run (EpochBatches) keeps its workers across epochs.
+Ctrl-C / SIGTERM stop every rank after the same step (StopFlag), so the checkpoint then written is one state
+of the whole run.
 """
 import contextlib
 import os

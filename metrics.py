@@ -67,7 +67,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from config import UserError
-from data import DATASETS, IGNORE        # IGNORE: the label to skip (seg / saliency / edge), with the data format
+from data import DATASETS, IGNORE, to_device   # IGNORE: the label to skip (seg / saliency / edge), as data.py writes it
 
 EDGE_POS_WEIGHT = 0.95       # default weight of the positive (edge) term of the edge loss (PASCAL: MTI-Net / ATRC)
 NORMALS_EPS = 1e-12          # eps of the prediction normalisation (F.normalize's default)
@@ -136,13 +136,13 @@ def segmentation_loss(pred, target, task='semseg', counts=None):
     """Cross-entropy over the non-ignored pixels. pred (B, K, H, W) logits, target (B, H, W) int64."""
     _check(task, pred, target)
     ce = F.cross_entropy(pred.float(), target, ignore_index=IGNORE, reduction='sum')
-    return _mean(ce, (target != IGNORE).sum(), counts)
+    return _mean(ce, valid_pixels(task, target).sum(), counts)
 
 
 def depth_loss(pred, target, counts=None):
     """L1 over pixels with valid depth (target != 0). pred, target (B, 1, H, W)."""
     _check('depth', pred, target)
-    valid = target != 0
+    valid = valid_pixels('depth', target)
     return _mean(torch.where(valid, (pred.float() - target).abs(), 0.0).sum(), valid.sum(), counts)
 
 
@@ -156,7 +156,7 @@ def normals_loss(pred, target, form='cosine', counts=None):
     'l1': sum over the 3 channels of |n^ - g|, averaged over valid pixels (the CTAL authors' transformer
     code on PASCAL-Context, inherited from ATRC / MTI-Net)."""
     _check('normals', pred, target)
-    valid = (target != 0).any(dim=1)                                            # (B, H, W)
+    valid = valid_pixels('normals', target)                                     # (B, H, W)
     unit = F.normalize(pred.float(), dim=1, eps=NORMALS_EPS)                    # (B, 3, H, W)
     if form == 'cosine':
         err = 1 - (unit * target).sum(1)                                        # (B, H, W)
@@ -171,7 +171,7 @@ def _balanced_bce_sum(logits, target, pos_weight=None, counts=None):
     """Weighted per-pixel BCE summed over the valid pixels, and the number of valid pixels. logits, target
     (B, 1, H, W); pos_weight None = the fraction of negatives among the valid pixels (saliency) of this
     batch, or of the global batch (`counts`)."""
-    valid = target != IGNORE
+    valid = valid_pixels('saliency', target)                                     # edge: the same rule
     pos = valid & (target >= 0.5)
     neg = valid & ~pos
     if pos_weight is None:
@@ -309,7 +309,7 @@ class SegmentationMeter(Meter):
         K = self.num_classes
         _check(self.task, pred, target, K)
         label = pred.argmax(1)                                   # (B, H, W)
-        valid = target != IGNORE
+        valid = valid_pixels(self.task, target)
         index = target[valid] * K + label[valid]                 # row = target, column = prediction
         self._add(confusion=torch.bincount(index, minlength=K * K).view(K, K))
 
@@ -332,7 +332,7 @@ class DepthMeter(Meter):
     @torch.no_grad()
     def update(self, pred, target):
         _check('depth', pred, target, 1)
-        valid = target != 0
+        valid = valid_pixels('depth', target)
         p, g = pred.double()[valid], target.double()[valid]
         p = torch.where(p <= 0, DEPTH_EVAL_MIN, p)
         err = (p - g).abs()
@@ -354,7 +354,7 @@ class NormalsMeter(Meter):
     @staticmethod
     def angles(pred, target):
         """Angle (degrees, float64) between normalised prediction and target at the valid pixels: (N,)."""
-        valid = (target != 0).any(dim=1)                                        # (B, H, W)
+        valid = valid_pixels('normals', target)                                 # (B, H, W)
         p = F.normalize(pred.double(), dim=1, eps=NORMALS_EPS)
         cos = (p * target.double()).sum(1)[valid].clamp(-1, 1)
         return torch.rad2deg(torch.acos(cos))
@@ -397,7 +397,7 @@ class SaliencyMeter(Meter):
     @torch.no_grad()
     def update(self, pred, target):
         _check('saliency', pred, target, 1)
-        valid = target != IGNORE
+        valid = valid_pixels('saliency', target)
         prob = torch.sigmoid(pred.double())[valid]                             # (N,)
         pos = target[valid] >= 0.5
         thresholds = torch.tensor(SAL_THRESHOLDS, dtype=torch.float64, device=prob.device)
@@ -472,7 +472,7 @@ def evaluate(net, loader, cfg, device, reference, autocast, world=1, say=print):
     meters, initial = run_meters(cfg, cfg['tasks']), {}
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)       # (sum of image losses, images)
     for j, batch in enumerate(loader):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        batch = to_device(batch, device)
         with autocast:
             out = net(batch['image'])
         for t in cfg['tasks']:

@@ -103,11 +103,12 @@ def read_weights(path, name):
         else:
             state = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if not pickled_object(e):
+        found = pickled_object(e)
+        if not found:
             raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name}: not a readable checkpoint "
                              f"(UnpicklingError)") from None
         raise ValueError(f"pretrained weights {path!r} are refused: the file holds pickled Python objects besides "
-                         f"tensors ({pickled_object(e)}), which could run code when loaded; pass a plain state dict "
+                         f"tensors ({found}), which could run code when loaded; pass a plain state dict "
                          f"or .safetensors") from None
     except Exception as e:                                  # not a torch file, truncated ...
         raise ValueError(f"pretrained weights {path!r} cannot be loaded into {name}: not a readable checkpoint "

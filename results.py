@@ -47,8 +47,8 @@ def read_runs(paths):
             with open(file) as f:
                 run = json.load(f)
             ok = isinstance(run, dict) and isinstance(run.get('config'), dict) and 'metrics' in (run.get('final') or {})
-        except (OSError, ValueError) as e:
-            ok, run = False, str(e)
+        except (OSError, ValueError):
+            ok = False
         if not ok:
             notes.append(f"skipped {file}: not a results.json of train.py (no config and final metrics in it)")
             continue

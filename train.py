@@ -15,7 +15,6 @@ ckpt.pt (atomically). `batch_size` is global and BatchNorm synchronised: 1 and W
 step (ddp.py); a resumed run repeats the uninterrupted one exactly on CPU (checkpoint.py). out_dir:
 config.json, log.jsonl, results.json, vis_epochNNN.png, curves.png (vis.py), ckpt.pt, best.pt.
 """
-import contextlib
 import math
 import os
 import sys
@@ -30,7 +29,7 @@ from checkpoint import (Progress, append_record, check_out_dir, check_resume, lo
                         restore_run, results_record, save_best, save_run, write_json)
 from config import JsonFile, Size, UserError, parse_config as read_config
 from ctal import CTAL, FUSIONS, IMPLS
-from data import DATASETS, build_dataset, resolve_tasks
+from data import DATASETS, build_dataset, resolve_tasks, to_device
 from ddp import (EpochBatches, Interrupted, SeededAugmentation, StopFlag, all_reduce_sum, barrier, gradient_sync,
                  micro_batches, setup_distributed, wrap_distributed)
 from metrics import (NORMALS_LOSSES, compute_losses, evaluate as evaluate_model, format_delta, format_metrics,
@@ -171,10 +170,6 @@ def make_loader(dataset, batches, cfg, device):
                                        generator=torch.Generator().manual_seed(cfg.seed))   # not the global RNG
 
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-
-
 def make_optimizer(params, cfg):
     """Adam (the CTAL authors' recipe) or SGD with momentum 0.9 (the SGD recipes' code, pl_model.py: its two
     parameter groups, backbone and head, have one lr and one weight decay, so one group computes the same step)."""
@@ -202,8 +197,8 @@ def autocast(cfg, device):
 
 def evaluate(run):
     """metrics.evaluate of the run's network on its val loader."""
-    return evaluate_model(run.raw_model, run.val_loader, run.cfg, run.device, run.reference, autocast(run.cfg, run.device),
-                          run.world, run.say)
+    return evaluate_model(run.raw_model, run.val_loader, run.cfg, run.device, run.reference,
+                          autocast(run.cfg, run.device), run.world, run.say)
 
 
 # ------------------------------------------------------------------------------------------ training
